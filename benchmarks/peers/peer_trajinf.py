@@ -1,0 +1,88 @@
+"""trajinf adapter: ``trajinf.gradients.extract_features`` for the features and
+``trajinf.scoring.score_features`` for the scores (each query is its own target subtask, so
+column ``score_<query id>`` is that query's score of every train item).
+
+Fit stage = train-pool feature extraction; score stage = query extraction + scoring.
+Positive scores = train gradient aligned with the query gradient = helpful (our convention).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from peer_common import MethodResult, PeerSetup, Stopwatch
+
+
+def tokenized(data) -> list:
+    """SeqData rows as trajinf ``TokenizedTrajectory`` (action_mask and step ids as given)."""
+    from trajinf.tokenize import TokenizedTrajectory
+
+    return [
+        TokenizedTrajectory(
+            id=data.ids[i],
+            input_ids=data.input_ids[i].copy(),
+            action_mask=data.action_mask[i].copy(),
+            step_ids=data.step_ids[i].copy(),
+            n_steps=int(data.step_ids[i].max()) + 1,
+        )
+        for i in range(len(data))
+    ]
+
+
+def _features(model, items, config) -> np.ndarray:
+    from trajinf.gradients import extract_features
+
+    feats = list(extract_features(model, items, config))
+    if not all(f.finite for f in feats):
+        raise RuntimeError("trajinf returned non-finite features")
+    return np.stack([f.trajectory for f in feats]).astype(np.float32)  # [N, D]
+
+
+def run(setup: PeerSetup, workdir, mode: str) -> list[tuple[str, MethodResult]]:
+    """Extract once in ``mode`` ("factorized" | "less"), then score several ways."""
+    from trajinf.gradients import ExtractionConfig
+    from trajinf.scoring import ScoreConfig, score_features
+
+    model = setup.fresh_model()
+    cfg = ExtractionConfig(
+        mode=mode,
+        proj_dim=setup.proj_dim,
+        seed=0,
+        preconditioner="none",
+        loss_normalization="mean",
+    )
+    train_items, query_items = tokenized(setup.train), tokenized(setup.query)
+    sw = Stopwatch()
+    with sw("fit"):
+        f_train = _features(model, train_items, cfg)
+    with sw("query_features"):
+        f_query = _features(model, query_items, cfg)
+    variants = [("inner", "none"), ("cosine", "none")]
+    if mode == "factorized":
+        variants.append(("inner", "gram"))
+    out = []
+    qids = list(setup.query.ids)
+    for metric, precond in variants:
+        sc = Stopwatch()
+        with sc("score"):
+            res = score_features(
+                f_train,
+                f_query,
+                ScoreConfig(metric=metric, preconditioner=precond, aggregate="max"),
+                subtasks=qids,
+                ids=list(setup.train.ids),
+            )
+            table = res.trajectories.set_index("id").loc[list(setup.train.ids)]
+            scores = np.stack([table[f"score_{q}"].to_numpy() for q in qids], axis=1)
+        name = f"trajinf {mode} {metric}" + (" +gram" if precond == "gram" else "")
+        out.append(
+            (
+                name,
+                MethodResult(
+                    scores.astype(np.float64),
+                    sw.seconds["fit"],
+                    sw.seconds["query_features"] + sc.seconds["score"],
+                    {"dim": int(f_train.shape[1]), "extraction": cfg.to_dict()},
+                ),
+            )
+        )
+    return out

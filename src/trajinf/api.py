@@ -1,0 +1,120 @@
+"""Small public helpers that the CLI verbs and Python users share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from trajinf.errors import TrajinfError
+from trajinf.gradients import ExtractionConfig
+from trajinf.pipeline import ScoreJobConfig
+from trajinf.scoring import ScoreConfig
+from trajinf.selection import Selection, select
+from trajinf.trajectories import load_pool, write_pool
+
+
+def build_job_config(
+    *,
+    mode: str = "factorized",
+    proj_dim: int = 8192,
+    lora: bool = False,
+    preconditioner: str = "auto",
+    has_checkpoints: bool = False,
+    metric: str = "cosine",
+    aggregate: str = "max",
+    remove_mean: bool = False,
+    target_mode: str = "subtask",
+    subtask_field: str = "task_id",
+    max_length: int | None = 2048,
+    seed: int = 0,
+    **extraction: object,
+) -> ScoreJobConfig:
+    """A scoring job config from flat options (what the CLI exposes).
+
+    ``preconditioner="auto"`` picks Adam in LESS mode and the factored Adam in factorized mode
+    when warmup checkpoints (with optimizer moments) are given, and none otherwise.
+    """
+    if preconditioner == "auto":
+        if not has_checkpoints:
+            preconditioner = "none"
+        else:
+            preconditioner = "adam" if mode == "less" else "factored_adam"
+    valid = {"factorized": {"none", "factored_adam"}, "less": {"none", "adam"}}
+    if mode not in valid:
+        raise TrajinfError(f"--mode must be factorized or less, got '{mode}'")
+    if preconditioner not in valid[mode]:
+        raise TrajinfError(
+            f"--preconditioner '{preconditioner}' does not apply to --mode {mode} "
+            f"(choose from {sorted(valid[mode])})"
+        )
+    for name, value, choices in (
+        ("--metric", metric, ("cosine", "inner")),
+        ("--aggregate", aggregate, ("max", "mean")),
+        ("--target-mode", target_mode, ("subtask", "success_minus_failure", "advantage")),
+    ):
+        if value not in choices:
+            raise TrajinfError(f"{name} must be one of {', '.join(choices)}, got '{value}'")
+    return ScoreJobConfig(
+        extraction=ExtractionConfig(
+            mode=mode, proj_dim=proj_dim, seed=seed, preconditioner=preconditioner, **extraction
+        ),
+        scoring=ScoreConfig(
+            metric=metric, aggregate=aggregate, remove_mean=remove_mean, target_mode=target_mode
+        ),
+        max_length=max_length,
+        subtask_field=subtask_field,
+        lora=lora,
+        seed=seed,
+    )
+
+
+def read_scores(scores_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
+    """(trajectory scores, step scores, baseline statistics or None) of a score directory."""
+    d = Path(scores_dir)
+    if not (d / "scores.parquet").exists():
+        raise TrajinfError(f"{d}: no scores.parquet here; run `trajinf score --out {d}` first")
+    stats = d / "statistics.parquet"
+    return (
+        pd.read_parquet(d / "scores.parquet"),
+        pd.read_parquet(d / "step_scores.parquet"),
+        pd.read_parquet(stats) if stats.exists() else None,
+    )
+
+
+def select_to_file(
+    scores_dir: str | Path,
+    pool: str | Path,
+    out: str | Path,
+    *,
+    method: str = "influence",
+    fraction: float = 0.05,
+    drop_harmful: bool = False,
+    step_weights: bool = False,
+    seed: int = 0,
+) -> Selection:
+    """Select from a scored pool and write the selection (with step weights) as JSONL."""
+    if not 0 < fraction <= 1:
+        raise TrajinfError(f"--fraction must be in (0, 1], got {fraction}")
+    trajs = load_pool(pool)
+    scores, steps, stats = read_scores(scores_dir)
+    missing = set(scores["id"]) ^ {t.id for t in trajs}
+    if missing:
+        raise TrajinfError(
+            f"{pool}: pool does not match {scores_dir}/scores.parquet "
+            f"({len(missing)} ids differ, e.g. '{sorted(map(str, missing))[0]}')"
+        )
+    sel = select(
+        method,
+        trajs,
+        fraction=fraction,
+        scores=scores,
+        step_scores=steps,
+        statistics=stats,
+        drop_harmful=drop_harmful,
+        step_weights=step_weights,
+        seed=seed,
+    )
+    by_id = {t.id: t for t in trajs}
+    write_pool([by_id[i] for i in sel.ids], out, step_weights=sel.step_weights)
+    return sel

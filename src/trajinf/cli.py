@@ -1,0 +1,193 @@
+"""The ``trajinf`` command line: each verb is a thin layer over one library call."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from enum import StrEnum
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from trajinf.errors import TrajinfError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Influence of agent trajectories and their steps on a target skill.",
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+_STATE = {"debug": False}
+
+
+class Mode(StrEnum):
+    factorized = "factorized"
+    less = "less"
+
+
+class Method(StrEnum):
+    influence = "influence"
+    random = "random"
+    full = "full"
+    success = "success"
+    rds = "rds"
+    loss = "loss"
+    gradnorm = "gradnorm"
+    length = "length"
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")) -> None:
+    _STATE["debug"] = debug
+
+
+@contextmanager
+def progress_bars():
+    """Yield a factory ``(description, total) -> advance(n)`` backed by rich progress bars."""
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as bars:
+
+        def factory(description: str, total: int):
+            task = bars.add_task(description, total=total)
+            return lambda n=1: bars.advance(task, n)
+
+        yield factory
+
+
+@app.command()
+def score(
+    model: Path = typer.Option(..., help="HF save_pretrained directory (model + tokenizer)."),
+    pool: Path = typer.Option(..., help="Pool trajectories: OpenAI chat or ShareGPT JSONL."),
+    target: Path = typer.Option(..., help="Target trajectories showing the wanted skill."),
+    out: Path = typer.Option(..., help="Output directory."),
+    checkpoint: list[Path] = typer.Option(
+        [], help="Warmup checkpoint dirs (repeat); scores are lr-weighted over them."
+    ),
+    mode: Mode = typer.Option(Mode.factorized, help="factorized (fast) or less (reference)."),
+    proj_dim: int = typer.Option(8192, help="Total projected feature dimension."),
+    lora: bool = typer.Option(False, help="Wrap a plain model in a fresh LoRA and track only it."),
+    preconditioner: str = typer.Option(
+        "auto",
+        help="auto|none|adam|factored_adam (auto: adam in less mode, factored_adam in "
+        "factorized mode when checkpoints carry optimizer state, else none).",
+    ),
+    metric: str = typer.Option("cosine", help="cosine|inner"),
+    aggregate: str = typer.Option("max", help="Across target subtasks: max|mean."),
+    remove_mean: bool = typer.Option(False, help="Remove the pool's mean gradient direction."),
+    target_mode: str = typer.Option(
+        "subtask", help="subtask|success_minus_failure|advantage (see docs)."
+    ),
+    subtask_field: str = typer.Option("task_id", help="Field naming a target's subtask."),
+    max_length: int = typer.Option(2048, help="Max tokens; longer trajectories lose early steps."),
+    seed: int = typer.Option(0, help="Projection and null seed."),
+) -> None:
+    """Score every pool trajectory and step against the target.
+
+    Example:
+      trajinf score --model warm/final --checkpoint warm/ckpt-1 --checkpoint warm/ckpt-2 \\
+          --pool pool.jsonl --target target.jsonl --out scores/
+    """
+    from trajinf.api import build_job_config
+    from trajinf.pipeline import score_pool
+
+    cfg = build_job_config(
+        mode=mode.value,
+        proj_dim=proj_dim,
+        lora=lora,
+        preconditioner=preconditioner,
+        has_checkpoints=bool(checkpoint),
+        metric=metric,
+        aggregate=aggregate,
+        remove_mean=remove_mean,
+        target_mode=target_mode,
+        subtask_field=subtask_field,
+        max_length=max_length,
+        seed=seed,
+    )
+    with progress_bars() as bars:
+        res = score_pool(
+            model, pool, target, out, checkpoints=checkpoint, config=cfg, progress=bars
+        )
+    n_harm = int(res.trajectories["harmful"].fillna(False).sum())
+    console.print(
+        f"scored {len(res.trajectories)} trajectories, {len(res.steps)} steps; "
+        f"{n_harm} flagged harmful -> {out}/scores.parquet"
+    )
+
+
+@app.command()
+def select(
+    scores: Path = typer.Option(..., help="Output directory of `trajinf score`."),
+    pool: Path = typer.Option(..., help="The pool JSONL that was scored."),
+    fraction: float = typer.Option(0.05, help="Budget as a fraction of the pool."),
+    method: Method = typer.Option(Method.influence, help="Selector."),
+    drop_harmful: bool = typer.Option(False, help="Drop trajectories flagged harmful."),
+    step_weights: bool = typer.Option(False, help="Write weight 0 on negative-influence steps."),
+    seed: int = typer.Option(0, help="Seed for random tie-breaks and the random baseline."),
+    out: Path = typer.Option(..., help="Selected trajectories, written in the input format."),
+) -> None:
+    """Select a subset (and per-step weights) and write it back in the input format.
+
+    Example:
+      trajinf select --scores scores/ --pool pool.jsonl --fraction 0.05 --drop-harmful \\
+          --step-weights --out selected.jsonl
+    """
+    from trajinf.api import select_to_file
+
+    sel = select_to_file(
+        scores,
+        pool,
+        out,
+        method=method.value,
+        fraction=fraction,
+        drop_harmful=drop_harmful,
+        step_weights=step_weights,
+        seed=seed,
+    )
+    console.print(f"selected {len(sel.ids)} trajectories with '{method.value}' -> {out}")
+
+
+@app.command()
+def report(
+    scores: Path = typer.Option(..., help="Output directory of `trajinf score`."),
+    pool: Path = typer.Option(..., help="The pool JSONL that was scored."),
+    out: Path = typer.Option(Path("report.html"), help="HTML file to write."),
+    top: int = typer.Option(10, help="How many top and bottom trajectories to show."),
+) -> None:
+    """Write an HTML report: score histograms, per-step heatmaps, top/bottom trajectories."""
+    from trajinf.report import write_score_report
+
+    write_score_report(scores, pool, out, top=top)
+    console.print(f"report -> {out}")
+
+
+def main() -> None:
+    """Console entry point: user errors print one line and exit 2 (traceback with --debug)."""
+    from trajinf import cli_env  # noqa: F401  (registers rollout/train/eval/demo verbs)
+
+    try:
+        app()
+    except TrajinfError as e:
+        if _STATE["debug"]:
+            raise
+        console.print(f"[red]error:[/red] {e}")
+        sys.exit(2)
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        if _STATE["debug"]:
+            raise
+        console.print(f"[red]error:[/red] {e}")
+        sys.exit(2)
+
+
+def _print_json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))

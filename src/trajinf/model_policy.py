@@ -1,0 +1,236 @@
+"""A language model as an agent policy: rank the valid actions by likelihood, or generate one.
+
+Implements the rollout ``Policy`` protocol: ``act(episodes) -> list[str]``, one action per episode.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from trajinf.errors import TemplateError, TrajinfError
+from trajinf.train import token_logprobs
+
+# End-of-turn markers of the chat templates trajinf ships (ChatML, Llama 3); generation stops there.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>")
+_TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+
+def window_messages(messages: list[dict], history_window: int | None) -> list[dict]:
+    """System + first user message + the last ``history_window`` steps (all when None).
+
+    A step is an assistant message and the tool/user messages after it, so the newest observation
+    is always kept.
+    """
+    if history_window is None:
+        return list(messages)
+    first_user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), None)
+    if first_user is None:
+        return list(messages)
+    head, rest = messages[: first_user + 1], messages[first_user + 1 :]
+    starts = [i for i, m in enumerate(rest) if m.get("role") == "assistant"]
+    if len(starts) <= history_window:
+        return list(messages)
+    keep_from = starts[len(starts) - history_window] if history_window > 0 else len(rest)
+    return list(head) + list(rest[keep_from:])
+
+
+def parse_reply(text: str) -> dict:
+    """Assistant message from generated text: ChatML ``<tool_call>{json}</tool_call>`` blocks,
+    a bare ``{"name": ..., "arguments"|"parameters": ...}`` JSON object (Llama 3 style), or
+    plain content."""
+    calls: list[dict] = []
+    for k, body in enumerate(_TOOL_CALL_RE.findall(text)):
+        call = _json_call(body)
+        if call is not None:
+            calls.append(_tool_call(k, *call))
+    if calls:
+        return {"role": "assistant", "content": _TOOL_CALL_RE.sub("", text).strip(), "tool_calls": calls}
+    call = _json_call(text.strip())
+    if call is not None:
+        return {"role": "assistant", "content": "", "tool_calls": [_tool_call(0, *call)]}
+    return {"role": "assistant", "content": text.strip()}
+
+
+def _json_call(body: str) -> tuple[str, Any] | None:
+    try:
+        obj = json.loads(body)
+    except (json.JSONDecodeError, ValueError):
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    return obj["name"], args
+
+
+def _tool_call(k: int, name: str, args: Any) -> dict:
+    arguments = args if isinstance(args, str) else json.dumps(args)
+    return {"id": f"call_{k}", "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+class ModelPolicy:
+    """Policy backed by a causal LM and its chat template.
+
+    mode="rank": score each valid action by ``sum log p(action tokens | chat history)`` of the
+    assistant message it would produce (``env.action_to_message``), rendered with the tokenizer's
+    chat template and tools; pick the argmax (temperature 0) or sample from
+    ``softmax(scores / temperature)`` with a generator seeded by ``seed``. Episodes without valid
+    actions fall back to generation. mode="generate": ``model.generate`` on the chat prompt, parsed
+    back with ``env.message_to_action``. All (episode, candidate) sequences of one ``act`` call are
+    scored together in right-padded batches of at most ``batch_size`` sequences.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        *,
+        mode: str = "rank",
+        history_window: int | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        seed: int = 0,
+        batch_size: int = 64,
+    ) -> None:
+        if mode not in ("rank", "generate"):
+            raise TrajinfError(f"ModelPolicy field 'mode': expected 'rank' or 'generate', got {mode!r}")
+        if temperature < 0:
+            raise TrajinfError(f"ModelPolicy field 'temperature': must be >= 0, got {temperature}")
+        self.model, self.tokenizer = model, tokenizer
+        self.mode, self.history_window = mode, history_window
+        self.max_new_tokens, self.temperature, self.batch_size = max_new_tokens, temperature, batch_size
+        self.rng = torch.Generator().manual_seed(seed)  # the policy's own stream: no global state
+        self.device = next(model.parameters()).device
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        vocab = tokenizer.get_vocab()
+        self.stop_ids = sorted({vocab[t] for t in END_OF_TURN_TOKENS if t in vocab})
+        if tokenizer.eos_token_id is not None:
+            self.stop_ids = sorted(set(self.stop_ids) | {tokenizer.eos_token_id})
+        model.eval()
+
+    # -- Policy protocol -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def act(self, episodes: Sequence) -> list[str]:
+        """One action per episode (``EpisodeState``: env, messages, tools, valid_actions, ...)."""
+        actions: list[str | None] = [None] * len(episodes)
+        ranked = [
+            i for i, ep in enumerate(episodes) if self.mode == "rank" and ep.valid_actions
+        ]
+        if ranked:
+            scores = self.score_actions([episodes[i] for i in ranked])
+            for i, s in zip(ranked, scores, strict=True):
+                actions[i] = episodes[i].valid_actions[self._choose(s)]
+        for i, ep in enumerate(episodes):
+            if actions[i] is None:
+                actions[i] = self.generate_action(ep)
+        return actions  # type: ignore[return-value]
+
+    # -- rank mode -------------------------------------------------------------------------------
+    def prompt_text(self, episode) -> str:
+        """The chat prompt for the next assistant turn (history windowed, generation prompt added)."""
+        return self.tokenizer.apply_chat_template(
+            window_messages(episode.messages, self.history_window),
+            tools=episode.tools,
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+
+    def candidate_sequence(self, episode, action: str, prompt: str) -> tuple[list[int], list[bool]]:
+        """Token ids of history + the candidate's assistant message, and its action-token mask.
+
+        Action tokens are those of the assistant message after the generation prompt ``prompt``,
+        end-of-turn token included, exactly as ``tokenize.py`` marks them for training.
+        """
+        history = window_messages(episode.messages, self.history_window)
+        text = self.tokenizer.apply_chat_template(
+            history + [episode.env.action_to_message(action)], tools=episode.tools, tokenize=False
+        )
+        if not text.startswith(prompt):
+            raise TemplateError(
+                "chat template: history + assistant message does not extend the generation prompt"
+            )
+        # same span rule as tokenize.py: up to and including the end-of-turn token, not the
+        # whitespace after it; a token belongs to the span holding its first character
+        end = len(prompt) + len(text[len(prompt) :].rstrip())
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        starts = np.maximum.accumulate([s for s, _ in enc["offset_mapping"]] or [0])
+        mask = [len(prompt) <= int(s) < end for s in starts[: len(enc["input_ids"])]]
+        return list(enc["input_ids"]), mask
+
+    def score_actions(self, episodes: Sequence) -> list[np.ndarray]:
+        """Per episode, float64 [n_valid_actions]: summed log-prob of each candidate's tokens."""
+        seqs: list[tuple[int, int, list[int], list[bool]]] = []
+        for e, ep in enumerate(episodes):
+            prompt = self.prompt_text(ep)
+            for c, action in enumerate(ep.valid_actions):
+                ids, mask = self.candidate_sequence(ep, action, prompt)
+                seqs.append((e, c, ids, mask))
+        out = [np.zeros(len(ep.valid_actions)) for ep in episodes]
+        # sorting by length keeps padding small; scores do not depend on batch composition
+        order = sorted(range(len(seqs)), key=lambda k: len(seqs[k][2]))
+        for start in range(0, len(order), self.batch_size):
+            chunk = [seqs[k] for k in order[start : start + self.batch_size]]
+            width = max(len(s[2]) for s in chunk)
+            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            attn = torch.zeros((len(chunk), width), dtype=torch.long)
+            score_mask = torch.zeros((len(chunk), width), dtype=torch.bool)
+            for b, (_, _, seq, mask) in enumerate(chunk):
+                ids[b, : len(seq)] = torch.tensor(seq)
+                attn[b, : len(seq)] = 1
+                score_mask[b, : len(seq)] = torch.tensor(mask)
+            logp = token_logprobs(
+                self.model, ids.to(self.device), attn.to(self.device), score_mask.to(self.device)
+            )
+            totals = logp.sum(dim=1).double().cpu().numpy()
+            for b, (e, c, _, _) in enumerate(chunk):
+                out[e][c] = totals[b]
+        return out
+
+    def _choose(self, scores: np.ndarray) -> int:
+        if self.temperature == 0:
+            return int(np.argmax(scores))  # first of ties: deterministic
+        probs = torch.softmax(torch.as_tensor(scores) / self.temperature, dim=0)
+        return int(torch.multinomial(probs, 1, generator=self.rng))
+
+    # -- generate mode ---------------------------------------------------------------------------
+    def generate_action(self, episode) -> str:
+        """Generate the assistant reply for one episode and map it to an env action."""
+        reply = self.generate_text(self.prompt_text(episode))
+        message = parse_reply(reply)
+        try:
+            return episode.env.message_to_action(message)
+        except (TrajinfError, ValueError, KeyError, TypeError):
+            # an unparseable reply is still an action: the env answers it as invalid
+            return message.get("content") or reply.strip()
+
+    def generate_text(self, prompt: str) -> str:
+        """Greedy or seeded-sampled continuation of ``prompt`` up to the end-of-turn token."""
+        ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = ids.to(self.device)
+        sample = self.temperature > 0
+        kwargs: dict[str, Any] = {"do_sample": sample}
+        if sample:
+            kwargs["temperature"] = self.temperature
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        # generate() samples from torch's global RNG: seed a forked copy from our own stream
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.rng))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=self.max_new_tokens,
+                eos_token_id=self.stop_ids or None,
+                pad_token_id=self.pad_id,
+                **kwargs,
+            )
+        text = self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=False)
+        for stop in END_OF_TURN_TOKENS:
+            text = text.split(stop, 1)[0]
+        return text

@@ -1,0 +1,295 @@
+"""Scoring against a naive loop reference; additivity; chunking; streaming top-k; stores."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trajinf.errors import StoreMismatchError, TrajinfError
+from trajinf.scoring import (
+    PoolSource,
+    ScoreConfig,
+    prepare_directions,
+    score_features,
+    score_stores,
+    target_directions,
+    top_k,
+)
+from trajinf.store import FeatureStore
+
+
+def synth(seed: int, n=7, d=5, c=2, m=6, max_steps=3):
+    """Pool whose trajectory features are exactly the sums of their step features."""
+    rng = np.random.default_rng(seed)
+    n_steps = rng.integers(1, max_steps + 1, size=n)
+    owner = np.repeat(np.arange(n), n_steps)
+    steps = [rng.standard_normal((len(owner), d)).astype(np.float32) + 0.3 for _ in range(c)]
+    traj = [np.zeros((n, d), np.float32) for _ in range(c)]
+    for ci in range(c):
+        np.add.at(traj[ci], owner, steps[ci])
+    target = [rng.standard_normal((m, d)).astype(np.float32) for _ in range(c)]
+    return {
+        "traj": traj,
+        "steps": steps,
+        "owner": owner,
+        "tokens": rng.integers(0, 5, size=len(owner)),
+        "target": target,
+        "subtasks": [["a", "b", "c"][j % 3] for j in range(m)],
+        "success": [j % 2 == 0 for j in range(m)],
+        "reward": rng.uniform(size=m).round(1).tolist(),
+        "groups": [f"g{j // 3}" for j in range(m)],
+        "lr": [0.5, 2.0][:c],
+    }
+
+
+def naive(s: dict, cfg: ScoreConfig) -> tuple[np.ndarray, list[float]]:
+    """Loop reference: per-trajectory scores [N] and raw per-step scores [K]."""
+    traj, steps, target, owner = s["traj"], s["steps"], s["target"], s["owner"]
+    n, d = traj[0].shape
+    m = len(target[0])
+    labels = s["subtasks"]
+    # per-subtask target weights w[s][j] so that dir_s = sum_j w_j * t_j
+    if cfg.target_mode == "subtask":
+        w = {
+            a: [(1 / labels.count(a)) if labels[j] == a else 0 for j in range(m)]
+            for a in set(labels)
+        }
+    elif cfg.target_mode == "success_minus_failure":
+        w = {}
+        for a in set(labels):
+            ns = sum(1 for j in range(m) if labels[j] == a and s["success"][j])
+            nf = sum(1 for j in range(m) if labels[j] == a and not s["success"][j])
+            if ns and nf:
+                w[a] = [
+                    (1 / ns if s["success"][j] else -1 / nf) if labels[j] == a else 0
+                    for j in range(m)
+                ]
+    else:
+        adv = []
+        for j in range(m):
+            grp = [s["reward"][i] for i in range(m) if s["groups"][i] == s["groups"][j]]
+            sd = np.std(grp)
+            adv.append((s["reward"][j] - np.mean(grp)) / sd if sd > 1e-8 else 0.0)
+        w = {
+            a: [adv[j] / labels.count(a) if labels[j] == a else 0 for j in range(m)]
+            for a in set(labels)
+        }
+    names = sorted(w)
+    per = np.zeros((n, len(names)))
+    step_per = np.zeros((len(owner), len(names)))
+    for c, lr in enumerate(s["lr"]):
+        x = traj[c].astype(np.float64)
+        mu = x.mean(0) if cfg.remove_mean else np.zeros(d)
+        tok = np.asarray(s["tokens"], float)
+        share = np.zeros(len(owner))
+        for k in range(len(owner)):
+            tot = tok[owner == owner[k]].sum()
+            share[k] = tok[k] / tot if tot > 0 else 1 / (owner == owner[k]).sum()
+        t = target[c].astype(np.float64)
+        if cfg.metric == "cosine":
+            t = t / np.linalg.norm(t, axis=1, keepdims=True)
+        if cfg.preconditioner == "gram":
+            xc = x - mu
+            f = xc.T @ xc / n
+            f += cfg.damping * np.trace(f) / d * np.eye(d)
+            t = np.linalg.solve(f, t.T).T
+        for i, (si, a) in itertools.product(range(n), enumerate(names)):
+            p = x[i] - mu
+            nrm = np.linalg.norm(p) if cfg.metric == "cosine" else 1.0
+            per[i, si] += lr * sum(w[a][j] * (p @ t[j]) for j in range(m)) / nrm
+            for k in np.nonzero(owner == i)[0]:
+                q = steps[c][k] - share[k] * mu
+                step_per[k, si] += lr * sum(w[a][j] * (q @ t[j]) for j in range(m)) / nrm
+    if cfg.aggregate == "max":
+        best = per.argmax(1)
+        return per.max(1), step_per[np.arange(len(owner)), best[owner]]
+    return per.mean(1), step_per.mean(1)
+
+
+def run(s: dict, cfg: ScoreConfig):
+    return score_features(
+        s["traj"], s["target"], cfg, subtasks=s["subtasks"], pool_steps=s["steps"],
+        step_owner=s["owner"], step_tokens=s["tokens"], success=s["success"],
+        reward=s["reward"], groups=s["groups"], lr=s["lr"],
+    )  # fmt: skip
+
+
+CONFIGS = [
+    ScoreConfig(metric=m, aggregate=a, remove_mean=r, target_mode=t, preconditioner=p)
+    for m, a, r, t, p in itertools.product(
+        ["cosine", "inner"],
+        ["max", "mean"],
+        [False, True],
+        ["subtask", "success_minus_failure", "advantage"],
+        ["none", "gram"],
+    )
+]
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    CONFIGS,
+    ids=lambda c: (
+        f"{c.metric}-{c.aggregate}-rm{int(c.remove_mean)}-{c.target_mode}-{c.preconditioner}"
+    ),
+)
+def test_matches_naive_reference(cfg):
+    s = synth(1)
+    res = run(s, cfg)
+    ref, ref_steps = naive(s, cfg)
+    np.testing.assert_allclose(res.trajectories["score"], ref, rtol=2e-4, atol=1e-5)
+    # steps: the additive remainder is only float rounding here (traj == sum of steps)
+    np.testing.assert_allclose(res.steps["score"], ref_steps, rtol=1e-3, atol=1e-4)
+    sums = res.steps.groupby("id", sort=False)["score"].sum()
+    np.testing.assert_allclose(sums.to_numpy(), res.trajectories["score"], rtol=1e-5, atol=1e-6)
+
+
+def test_single_checkpoint_plain_array_and_columns():
+    s = synth(2, c=1)
+    res = score_features(s["traj"][0], s["target"][0], ScoreConfig(), subtasks=s["subtasks"],
+                         pool_steps=s["steps"][0], step_owner=s["owner"])  # fmt: skip
+    t = res.trajectories
+    assert {"score_a", "score_b", "score_c", "best_subtask", "min_step_score"} <= set(t.columns)
+    np.testing.assert_allclose(
+        t["score"], t[["score_a", "score_b", "score_c"]].max(axis=1), rtol=1e-6
+    )
+    assert (t["best_subtask"] == t[["score_a", "score_b", "score_c"]].idxmax(axis=1).str[6:]).all()
+    mins = res.steps.groupby("id", sort=False)["score"].min().to_numpy()
+    np.testing.assert_allclose(t["min_step_score"], mins)
+    assert res.steps["step"].tolist() == [
+        k for i in range(7) for k in range((s["owner"] == i).sum())
+    ]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(1, 6),
+    c=st.integers(1, 3),
+    metric=st.sampled_from(["cosine", "inner"]),
+    aggregate=st.sampled_from(["max", "mean"]),
+    remove_mean=st.booleans(),
+    pre=st.sampled_from(["none", "gram"]),
+    chunk=st.integers(1, 8),
+)
+def test_steps_sum_to_trajectory(seed, n, c, metric, aggregate, remove_mean, pre, chunk):
+    s = synth(seed, n=n, c=c, d=4, max_steps=4)
+    s["lr"] = list(np.random.default_rng(seed).uniform(0.1, 2, size=c))
+    cfg = ScoreConfig(metric=metric, aggregate=aggregate, remove_mean=remove_mean,
+                      preconditioner=pre, chunk_rows=chunk)  # fmt: skip
+    res = run(s, cfg)
+    sums = res.steps.groupby("id", sort=False)["score"].sum().to_numpy()
+    score = res.trajectories["score"].to_numpy()
+    np.testing.assert_allclose(sums, score, rtol=1e-5, atol=1e-5 * (1 + np.abs(score).max()))
+    # traj == sum of steps, so nothing needed redistributing beyond float rounding (relative
+    # to the step scores, which can be large and cancel, e.g. gram with a one-item pool)
+    scale = 1 + np.abs(res.steps["score"]).max()
+    assert np.abs(res.trajectories["additivity_residual"]).max() <= 1e-4 * scale
+
+
+def test_residual_redistributed_when_not_additive():
+    s = synth(3, c=1)
+    s["traj"][0][0] += 5.0  # e.g. LESS mode: trajectory feature != sum of step features
+    res = run(s, ScoreConfig())
+    sums = res.steps.groupby("id", sort=False)["score"].sum().to_numpy()
+    np.testing.assert_allclose(sums, res.trajectories["score"], rtol=1e-5, atol=1e-6)
+    assert abs(res.trajectories["additivity_residual"].iloc[0]) > 1e-3
+
+
+def test_chunked_equals_unchunked():
+    s = synth(4, n=23, m=9)
+    for cfg in CONFIGS[::5]:
+        a = run(s, cfg)
+        b = run(s, ScoreConfig(**{**cfg.__dict__, "chunk_rows": 4}))
+        np.testing.assert_allclose(
+            a.trajectories["score"], b.trajectories["score"], rtol=1e-5, atol=1e-7
+        )
+        np.testing.assert_allclose(a.steps["score"], b.steps["score"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 5, 40, 100])
+def test_streaming_top_k_equals_full_sort(k):
+    s = synth(5, n=60, c=2)
+    cfg = ScoreConfig(chunk_rows=7, remove_mean=True)
+    pool = PoolSource.from_arrays(s["traj"], steps=s["steps"], step_owner=s["owner"], lr=s["lr"])
+    dirs = prepare_directions(
+        pool, target_directions(s["target"], cfg, subtasks=s["subtasks"], lr=s["lr"]), cfg
+    )
+    got = top_k(pool, dirs, cfg, k)
+    full = run(s, cfg).trajectories.sort_values("score", ascending=False, kind="stable")
+    assert got["id"].tolist() == full["id"].tolist()[:k]
+    np.testing.assert_allclose(got["score"], full["score"].to_numpy()[:k], rtol=1e-6)
+
+
+def test_nonfinite_items_and_bad_targets():
+    s = synth(6, c=1)
+    pool = PoolSource.from_arrays(s["traj"], steps=s["steps"], step_owner=s["owner"],
+                                  finite=np.array([True] * 6 + [False]))  # fmt: skip
+    cfg = ScoreConfig()
+    dirs = target_directions(s["target"], cfg, subtasks=s["subtasks"])
+    from trajinf.scoring import score_pool
+
+    res = score_pool(pool, dirs, cfg)
+    assert (
+        np.isnan(res.trajectories["score"].iloc[-1])
+        and res.trajectories["score"].iloc[:-1].notna().all()
+    )
+    assert top_k(pool, dirs, cfg, 10)["id"].tolist().count("6") == 0
+    with pytest.raises(TrajinfError, match="success"):
+        target_directions(s["target"], ScoreConfig(target_mode="success_minus_failure"),
+                          subtasks=s["subtasks"], success=[True] * 6)  # fmt: skip
+    with pytest.raises(TrajinfError, match="metric"):
+        ScoreConfig(metric="euclid")
+
+
+def _write(path, traj, steps, owner, lr, extra):
+    fs = FeatureStore.create(path, fingerprint={"model_fingerprint": "m"}, dim=traj[0].shape[1],
+                             checkpoints=[{"path": f"c{i}", "lr": x} for i, x in enumerate(lr)])  # fmt: skip
+    rows, order = [], []
+    for i in range(len(traj[0])):
+        rows.append({"id": f"t{i}", "step": -1, "item": i, **extra(i)})
+        order.append(("t", i))
+        for j, k in enumerate(np.nonzero(owner == i)[0]):
+            rows.append({"id": f"t{i}", "step": j, "item": i, "n_action_tokens": 2})
+            order.append(("s", k))
+    df = pd.DataFrame(rows)
+    for c in range(len(lr)):
+        f = np.stack([traj[c][i] if kind == "t" else steps[c][i] for kind, i in order])
+        half = len(df) // 2  # two shards, splitting some item's rows across them
+        fs.write_shard(c, 0, df.iloc[:half], f[:half])
+        fs.write_shard(c, 1, df.iloc[half:], f[half:])
+    return fs
+
+
+def test_score_stores_matches_arrays(tmp_path):
+    s = synth(7, n=9, c=2)
+    lr = [1e-3, 3e-3]
+    pool = _write(tmp_path / "p", s["traj"], s["steps"], s["owner"], lr, lambda i: {})
+    no = np.zeros(0, int)
+    target = _write(tmp_path / "t", s["target"], [np.zeros((0, 5))] * 2, no, lr,
+                    lambda j: {"subtask": s["subtasks"][j], "task_id": s["groups"][j],
+                               "success": s["success"][j], "reward": s["reward"][j]})  # fmt: skip
+    for mode in ["subtask", "success_minus_failure", "advantage"]:
+        cfg = ScoreConfig(target_mode=mode, remove_mean=True, chunk_rows=4)
+        res = score_stores(pool, target, cfg)
+        # reference on the float16-rounded features the store holds
+        r16 = {k: s[k] for k in s}
+        for key in ("traj", "steps", "target"):
+            r16[key] = [a.astype(np.float16).astype(np.float32) for a in s[key]]
+        r16["lr"], r16["tokens"] = lr, np.full(len(s["owner"]), 2)
+        ref = run(r16, cfg)
+        np.testing.assert_allclose(
+            res.trajectories["score"], ref.trajectories["score"], rtol=1e-4, atol=1e-9
+        )
+        assert res.trajectories["id"].tolist() == [f"t{i}" for i in range(9)]
+        sums = res.steps.groupby("id", sort=False)["score"].sum().to_numpy()
+        np.testing.assert_allclose(sums, res.trajectories["score"], rtol=1e-4, atol=1e-9)
+    other = _write(tmp_path / "o", [t[:, :4] for t in s["traj"]], [st_[:, :4] for st_ in s["steps"]],
+                   s["owner"], lr, lambda i: {})  # fmt: skip
+    with pytest.raises(StoreMismatchError, match="dim"):
+        score_stores(pool, other, ScoreConfig())

@@ -1,0 +1,211 @@
+"""FeatureStore: round trip, atomic writes, resume, corruption, fingerprint mismatch, append."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import trajinf.store as store_mod
+from trajinf.errors import StoreCorruptError, StoreMismatchError, TrajinfError
+from trajinf.store import FeatureStore
+
+D = 6
+FP = {
+    "model_fingerprint": "m1",
+    "tokenizer_fingerprint": "t1",
+    "modules": ["a", "b"],
+    "extraction": {"proj_dim": 36, "seed": 0},
+    "n_items": 3,  # callers may pin keys that collide with bookkeeping keys
+}
+CKPTS = [{"path": "c0", "lr": 1e-4}, {"path": "c1", "lr": 5e-5}]
+
+
+def items(n_traj: int, first_item: int = 0) -> pd.DataFrame:
+    rows = []
+    for i in range(first_item, first_item + n_traj):
+        rows.append({"id": f"t{i}", "task_id": f"g{i % 2}", "step": -1, "item": i, "reward": 1.0})
+        rows += [{"id": f"t{i}", "task_id": f"g{i % 2}", "step": s, "item": i} for s in range(2)]
+    return pd.DataFrame(rows)
+
+
+def feats(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, D)).astype(np.float32)
+
+
+def make(tmp_path, n_shards=2) -> tuple[FeatureStore, list[np.ndarray]]:
+    st = FeatureStore.create(tmp_path / "s", fingerprint=FP, dim=D, checkpoints=CKPTS)
+    written = []
+    for shard in range(n_shards):
+        rows = items(2, first_item=2 * shard)
+        for c in range(2):
+            f = feats(len(rows), 10 * shard + c)
+            st.write_shard(c, shard, rows, f)
+            if c == 0:
+                written.append(f)
+    return st, written
+
+
+def test_round_trip(tmp_path):
+    st, written = make(tmp_path)
+    st2 = FeatureStore.open(tmp_path / "s", expect=FP)
+    assert st2.items["row"].tolist() == list(range(12))
+    assert st2.items["reward"].notna().sum() == 4  # extra columns survive
+    assert st2.manifest["n_items"] == 4 and st2.manifest["fingerprint"]["n_items"] == 3
+    full = st2.features(0)
+    assert full.dtype == np.float32
+    np.testing.assert_allclose(full, np.concatenate(written), atol=2e-3)  # float16 storage
+    rows = np.array([7, 0, 11, 3])
+    np.testing.assert_array_equal(st2.features(0, rows), full[rows])
+    chunks = list(st2.iter_chunks(0, rows=4))
+    assert max(len(r) for r, _ in chunks) <= 4
+    np.testing.assert_array_equal(np.concatenate([r for r, _ in chunks]), np.arange(12))
+    np.testing.assert_array_equal(np.concatenate([b for _, b in chunks]), full)
+    assert st2.learning_rates == [1e-4, 5e-5]
+    arr = np.load(st2.shard_path(1, 0), allow_pickle=False)
+    assert arr.dtype == np.float16 and arr.shape == (6, D)
+
+
+def test_leftover_temp_file_is_ignored(tmp_path):
+    st, _ = make(tmp_path, n_shards=1)
+    # a crash mid-write leaves a temp file beside the real ones; readers must not care
+    (tmp_path / "s" / ".manifest.json.abc.tmp").write_text("{garbage")
+    (tmp_path / "s" / "ckpt-0" / ".features-00001.npy.x.tmp").write_bytes(b"\x93NUMPY partial")
+    st2 = FeatureStore.open(tmp_path / "s", expect=FP)
+    assert st2.has_shard(0, 0) and not st2.has_shard(0, 1)
+    assert st2.verify() == []
+    assert len(st2.features(0)) == 6
+
+
+def test_crash_before_manifest_drops_unrecorded_items(tmp_path, monkeypatch):
+    st, _ = make(tmp_path, n_shards=1)
+
+    def boom() -> None:
+        raise RuntimeError("crash")
+
+    monkeypatch.setattr(st, "_write_manifest", boom)
+    with pytest.raises(RuntimeError):
+        st.write_shard(0, 1, items(2, first_item=2), feats(6, 3))
+    st2 = FeatureStore.open(tmp_path / "s")
+    assert not st2.has_shard(0, 1)
+    assert len(st2.items) == 6  # the half-written shard's items are not visible
+
+
+def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
+    st, _ = make(tmp_path, n_shards=1)
+
+    def bad_replace(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store_mod.os, "replace", bad_replace)
+    with pytest.raises(OSError):
+        st.write_shard(0, 1, items(2, first_item=2), feats(6, 3))
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "s").rglob("*"))
+    assert not st.shard_path(0, 1).exists()
+
+
+def test_resume_skips_finished_shards(tmp_path, monkeypatch):
+    make(tmp_path, n_shards=1)
+    writes = []
+    real = store_mod._atomic_write
+    monkeypatch.setattr(
+        store_mod, "_atomic_write", lambda p, w: (writes.append(p.name), real(p, w))[1]
+    )
+    st = FeatureStore.create(tmp_path / "s", fingerprint=FP, dim=D, checkpoints=CKPTS)
+    for shard in range(3):
+        for c in range(2):
+            if not st.has_shard(c, shard):
+                rows = items(2, first_item=2 * shard)
+                st.write_shard(c, shard, rows, feats(len(rows), shard + c))
+    assert sum(n.startswith("features-") for n in writes) == 4  # shards 1, 2 x 2 ckpts only
+    assert len(FeatureStore.open(tmp_path / "s").items) == 18
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corruption_detected_and_named(tmp_path, damage):
+    st, _ = make(tmp_path)
+    p = st.shard_path(1, 1)
+    data = bytearray(p.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[-3] ^= 0xFF
+    p.write_bytes(bytes(data))
+    st2 = FeatureStore.open(tmp_path / "s")
+    assert not st2.has_shard(1, 1) and st2.has_shard(0, 1)
+    assert st2.verify() == [(1, 1)]
+    with pytest.raises(StoreCorruptError, match="features-00001.npy"):
+        st2.features(1)
+    st2.features(0)  # the other checkpoint is fine
+    # re-extracting just the bad shard repairs the store
+    st2.write_shard(1, 1, items(2, first_item=2), feats(6, 11))
+    assert FeatureStore.open(tmp_path / "s").verify() == []
+
+
+def test_missing_shard_named(tmp_path):
+    st, _ = make(tmp_path)
+    os.unlink(st.shard_path(0, 0))
+    with pytest.raises(StoreCorruptError, match="ckpt-0/features-00000.npy"):
+        FeatureStore.open(tmp_path / "s").features(0)
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"model_fingerprint": "m2"}, "model_fingerprint"),
+        ({"tokenizer_fingerprint": "t2"}, "tokenizer_fingerprint"),
+        ({"extraction": {"proj_dim": 36, "seed": 1}}, "extraction.seed"),
+        ({"modules": ["a"]}, "modules"),
+    ],
+)
+def test_mismatch_names_key(tmp_path, change, key):
+    make(tmp_path, n_shards=1)
+    with pytest.raises(StoreMismatchError, match=key.replace(".", r"\.")):
+        FeatureStore.open(tmp_path / "s", expect={**FP, **change})
+    with pytest.raises(StoreMismatchError, match=key.replace(".", r"\.")):
+        FeatureStore.create(tmp_path / "s", fingerprint={**FP, **change}, dim=D, checkpoints=CKPTS)
+
+
+def test_mismatch_dim_and_checkpoints(tmp_path):
+    make(tmp_path, n_shards=1)
+    with pytest.raises(StoreMismatchError, match="dim"):
+        FeatureStore.create(tmp_path / "s", fingerprint=FP, dim=D + 1, checkpoints=CKPTS)
+    with pytest.raises(StoreMismatchError, match="checkpoints"):
+        FeatureStore.create(tmp_path / "s", fingerprint=FP, dim=D, checkpoints=CKPTS[:1])
+
+
+def test_append_continues_rows(tmp_path):
+    st, _ = make(tmp_path)
+    new = items(1, first_item=4)
+    shard = st.append(new, [feats(3, 40), feats(3, 41)])
+    assert shard == 2
+    st2 = FeatureStore.open(tmp_path / "s", expect=FP)
+    assert st2.items["row"].tolist() == list(range(15))
+    assert st2.items["id"].iloc[-1] == "t4" and st2.manifest["n_items"] == 5
+    np.testing.assert_allclose(st2.features(1, np.array([12, 13, 14])), feats(3, 41), atol=2e-3)
+
+
+def test_bad_inputs_raise(tmp_path):
+    st = FeatureStore.create(tmp_path / "s", fingerprint=FP, dim=D, checkpoints=CKPTS)
+    with pytest.raises(TrajinfError, match="shape"):
+        st.write_shard(0, 0, items(1), feats(2, 0))
+    with pytest.raises(TrajinfError, match="float16"):
+        st.write_shard(0, 0, items(1), np.full((3, D), 1e6, np.float32))
+    with pytest.raises(TrajinfError, match="'id'"):
+        st.write_shard(0, 0, pd.DataFrame({"step": [-1]}), feats(1, 0))
+    (tmp_path / "s" / "items.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(StoreCorruptError, match="items.parquet"):
+        FeatureStore.open(tmp_path / "s")
+    (tmp_path / "s" / "manifest.json").write_text("{\n  bad")
+    with pytest.raises(StoreCorruptError, match=r"manifest.json:2"):
+        FeatureStore.open(tmp_path / "s")
+
+
+def test_no_pickle_in_files(tmp_path):
+    st, _ = make(tmp_path, n_shards=1)
+    json.loads((tmp_path / "s" / "manifest.json").read_text())
+    # allow_pickle=False load succeeds, i.e. plain numeric arrays only
+    np.load(st.shard_path(0, 0), allow_pickle=False)
