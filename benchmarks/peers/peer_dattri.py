@@ -25,6 +25,7 @@ from peer_common import (
     summed_action_loss,
     tensor_dataset,
 )
+from peer_trak import trak_dim
 
 
 def _margin_and_prob(model):
@@ -119,15 +120,16 @@ def run(setup: PeerSetup, workdir, method: str) -> MethodResult:
         return _attribute(att, setup, train_dl, test_dl, {"proj_dim": setup.proj_dim})
     if method == "trak":
         margin, prob = _margin_and_prob(model)
+        kw = {**_proj_kwargs(setup), "proj_dim": trak_dim(setup)}  # see peer_trak.trak_dim
         att = TRAKAttributor(
             task=_vmap_task(model, margin),
             # called with unflattened params (dattri 0.3.0, trak.py), so no flatten_func here
             correct_probability_func=prob,
-            projector_kwargs=_proj_kwargs(setup),
+            projector_kwargs=kw,
             layer_name=layers,
             device="cpu",
         )
-        return _attribute(att, setup, train_dl, test_dl, {"proj_dim": setup.proj_dim})
+        return _attribute(att, setup, train_dl, test_dl, {"proj_dim": trak_dim(setup)})
     if method == "datainf":
         att = IFAttributorDataInf(
             task=_vmap_task(model), layer_name=layers, device="cpu", regularization=1e-3

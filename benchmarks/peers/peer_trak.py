@@ -47,19 +47,38 @@ def _model_output_class():
     return CausalLMActionOutput
 
 
+def trak_dim(setup: PeerSetup) -> int:
+    """TRAK inverts X^T X of the projected train features [n_train, k] without damping, so
+    k must stay below n_train (k = 2048 > 96 rows gave a singular matrix and ~0 scores)."""
+    return min(setup.proj_dim, len(setup.train) // 2)
+
+
 def run(setup: PeerSetup, workdir) -> MethodResult:
-    """TRAK with one checkpoint (the full-data model), proj_dim = setup.proj_dim."""
+    """TRAK with one checkpoint (the full-data model), proj_dim = trak_dim(setup)."""
     from peer_common import tensor_dataset
     from trak import TRAKer
+    from trak.projectors import BasicProjector, ProjectionType
 
     model = setup.fresh_model()
+    params = dict(model.named_parameters())
+    k = trak_dim(setup)
+    # traker 0.3.2 BasicProjector bug: with a single block (proj_dim <= block_size=100) the
+    # matrix is never generated before the first project(); several blocks avoid that path.
+    projector = BasicProjector(
+        grad_dim=sum(params[n].numel() for n in setup.weight_names),
+        proj_dim=k,
+        seed=0,
+        proj_type=ProjectionType.normal,
+        device="cpu",
+        block_size=max(1, k // 4),
+    )
     traker = TRAKer(
         model=model,
         task=_model_output_class()(),
         train_set_size=len(setup.train),
         save_dir=str(workdir),
         device="cpu",
-        proj_dim=setup.proj_dim,
+        projector=projector,
         use_half_precision=False,
         grad_wrt=setup.weight_names,
         logging_level=40,
@@ -86,5 +105,5 @@ def run(setup: PeerSetup, workdir) -> MethodResult:
         as_train_by_query(scores, len(setup.train), len(setup.query)),
         sw.seconds["fit"],
         sw.seconds["score"],
-        {"proj_dim": setup.proj_dim, "projector": "BasicProjector (normal)"},
+        {"proj_dim": trak_dim(setup), "projector": "BasicProjector (normal)"},
     )

@@ -95,12 +95,15 @@ def evaluate(
     """Row of the table for one method result."""
     finite = bool(np.isfinite(res.scores).all())
     scores = np.nan_to_num(res.scores)
+    per_query = lds.lds_per_query(scores, gt.subsets, gt.losses)
     return {
         "method": name,
         "fit_seconds": res.fit_seconds,
         "score_seconds": res.score_seconds,
         "total_over_epoch": (res.fit_seconds + res.score_seconds) / epoch_s,
-        "lds": lds.lds(scores, gt.subsets, gt.losses),
+        "lds": float(per_query.mean()),
+        # standard error over queries: how far apart two methods must be to differ
+        "lds_se": float(per_query.std(ddof=1) / np.sqrt(len(per_query))),
         "rank_agreement": None if reference is None else lds.rank_agreement(scores, reference),
         "finite": finite,
         "info": res.info,
@@ -112,7 +115,7 @@ def markdown(rows: list[dict], epoch_s: float) -> str:
     lines = [
         f"One training epoch of the same model (same run): {epoch_s:.3f} s",
         "",
-        "| method | fit s | score s | (fit+score)/epoch | LDS | rank agr. vs exact grad-dot |",
+        "| method | fit s | score s | (fit+score)/epoch | LDS (± s.e.) | rank agr. vs exact grad-dot |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -122,7 +125,7 @@ def markdown(rows: list[dict], epoch_s: float) -> str:
         ra = "-" if r["rank_agreement"] is None else f"{r['rank_agreement']:.3f}"
         lines.append(
             f"| {r['method']} | {r['fit_seconds']:.2f} | {r['score_seconds']:.2f} | "
-            f"{r['total_over_epoch']:.1f}x | {r['lds']:.3f} | {ra} |"
+            f"{r['total_over_epoch']:.1f}x | {r['lds']:.3f} ± {r['lds_se']:.3f} | {ra} |"
         )
     return "\n".join(lines)
 
@@ -146,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     if "exact" not in chosen:
         chosen.insert(0, "exact")  # the reference for rank agreement
     rows: list[dict] = []
+    all_scores: dict[str, np.ndarray] = {}  # saved for re-analysis (npz, no pickle)
     reference = None
     for key in chosen:
         print(f"[run_peers] {key} ...", flush=True)
@@ -153,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
             with tempfile.TemporaryDirectory(prefix=f"peer-{key}-") as work:
                 results = reg[key](setup, Path(work))
             for name, res in results:
+                all_scores[name] = res.scores
                 if key == "exact" and reference is None:
                     reference = res.scores
                 rows.append(evaluate(name, res, gt, reference, epoch_s))
@@ -181,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str))
+    np.savez(args.out.with_suffix(".scores.npz"), names=np.array(list(all_scores)),
+             scores=np.stack(list(all_scores.values())))  # fmt: skip
     table = markdown(rows, epoch_s)
     args.out.with_suffix(".md").write_text(table + "\n")
     print(table)

@@ -3,8 +3,8 @@
 A checkpoint is an HF `save_pretrained` directory (model, or peft adapter) plus the tokenizer,
 `trajinf_checkpoint.json` = {"step", "learning_rate", "betas", "eps", "optimizer_step"} and
 `optimizer.safetensors` with `exp_avg.NAME` / `exp_avg_sq.NAME` for every trainable parameter
-NAME of `model.named_parameters()`. A LoRA model whose base has no loadable
-`name_or_path` (e.g. a tiny model built from a config) also gets its base weights in `base/`.
+NAME of `model.named_parameters()`. A LoRA model whose base has no `name_or_path` (e.g. a
+tiny model built from a config) also gets its base weights in `base/`.
 """
 
 from __future__ import annotations
@@ -110,8 +110,8 @@ def save_checkpoint(
         model.save_pretrained(tmp)
         if _is_peft(model):
             base_name = model.peft_config[model.active_adapter].base_model_name_or_path
-            if not base_name or not Path(base_name).is_dir():
-                # nothing on disk to reload the base from: keep it with the adapter
+            if not base_name:
+                # a base built from a config has no name to reload it by: keep it with the adapter
                 base = model.get_base_model()
                 base.save_pretrained(tmp / BASE_DIR, state_dict=_base_state_dict(model))
         if tokenizer is not None:

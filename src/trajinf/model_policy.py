@@ -5,6 +5,7 @@ Implements the rollout ``Policy`` protocol: ``act(episodes) -> list[str]``, one 
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from collections.abc import Sequence
@@ -12,9 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from trajinf.errors import TemplateError, TrajinfError
-from trajinf.train import token_logprobs
+from trajinf.train import base_forward, supports_logits_to_keep, token_logprobs
 
 # End-of-turn markers of the chat templates trajinf ships (ChatML, Llama 3); generation stops there.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>")
@@ -81,8 +83,9 @@ class ModelPolicy:
     chat template and tools; pick the argmax (temperature 0) or sample from
     ``softmax(scores / temperature)`` with a generator seeded by ``seed``. Episodes without valid
     actions fall back to generation. mode="generate": ``model.generate`` on the chat prompt, parsed
-    back with ``env.message_to_action``. All (episode, candidate) sequences of one ``act`` call are
-    scored together in right-padded batches of at most ``batch_size`` sequences.
+    back with ``env.message_to_action``. ``share_prefix`` (default) runs each episode's history once
+    and scores its candidates from the KV cache; otherwise all (episode, candidate) sequences of one
+    ``act`` call are scored in right-padded batches of at most ``batch_size`` sequences.
     """
 
     def __init__(
@@ -96,6 +99,7 @@ class ModelPolicy:
         temperature: float = 0.0,
         seed: int = 0,
         batch_size: int = 64,
+        share_prefix: bool = True,
     ) -> None:
         if mode not in ("rank", "generate"):
             raise TrajinfError(f"ModelPolicy field 'mode': expected 'rank' or 'generate', got {mode!r}")
@@ -104,6 +108,11 @@ class ModelPolicy:
         self.model, self.tokenizer = model, tokenizer
         self.mode, self.history_window = mode, history_window
         self.max_new_tokens, self.temperature, self.batch_size = max_new_tokens, temperature, batch_size
+        # the KV-cache path needs a model that computes logits only at kept positions
+        self.share_prefix = share_prefix and supports_logits_to_keep(model)
+        # transformers 5 renamed the KV-cache argument and output from past_key_values to cache
+        params = inspect.signature(base_forward(model)).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.rng = torch.Generator().manual_seed(seed)  # the policy's own stream: no global state
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -162,27 +171,41 @@ class ModelPolicy:
         mask = [len(prompt) <= int(s) < end for s in starts[: len(enc["input_ids"])]]
         return list(enc["input_ids"]), mask
 
+    @torch.inference_mode()
     def score_actions(self, episodes: Sequence) -> list[np.ndarray]:
-        """Per episode, float64 [n_valid_actions]: summed log-prob of each candidate's tokens."""
-        seqs: list[tuple[int, int, list[int], list[bool]]] = []
+        """Per episode, float64 [n_valid_actions]: summed log-prob of each candidate's tokens.
+
+        With ``share_prefix`` each episode's history runs once (histories of ``batch_size``
+        episodes batched) and its KV cache is reused by every candidate: the history is most of
+        the tokens. Candidates whose tokens do not extend the prompt's tokens (a BPE merge across
+        the boundary) are scored in full.
+        """
+        out = [np.zeros(len(ep.valid_actions)) for ep in episodes]
+        full: list[tuple[int, int, list[int], list[bool]]] = []
+        groups: list[tuple[int, list[int], list[tuple[int, list[int], list[bool]]]]] = []
         for e, ep in enumerate(episodes):
             prompt = self.prompt_text(ep)
-            for c, action in enumerate(ep.valid_actions):
-                ids, mask = self.candidate_sequence(ep, action, prompt)
-                seqs.append((e, c, ids, mask))
-        out = [np.zeros(len(ep.valid_actions)) for ep in episodes]
+            seqs = [self.candidate_sequence(ep, a, prompt) for a in ep.valid_actions]
+            if not self.share_prefix:
+                full += [(e, c, ids, mask) for c, (ids, mask) in enumerate(seqs)]
+                continue
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            n = len(prompt_ids)
+            cands = []
+            for c, (ids, mask) in enumerate(seqs):
+                if len(ids) > n and ids[:n] == prompt_ids and not any(mask[:n]):
+                    cands.append((c, ids[n:], mask[n:]))
+                else:
+                    full.append((e, c, ids, mask))
+            if cands:
+                groups.append((e, prompt_ids, cands))
+        for start in range(0, len(groups), self.batch_size):
+            self._score_from_prefix(groups[start : start + self.batch_size], out)
         # sorting by length keeps padding small; scores do not depend on batch composition
-        order = sorted(range(len(seqs)), key=lambda k: len(seqs[k][2]))
-        for start in range(0, len(order), self.batch_size):
-            chunk = [seqs[k] for k in order[start : start + self.batch_size]]
-            width = max(len(s[2]) for s in chunk)
-            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-            attn = torch.zeros((len(chunk), width), dtype=torch.long)
-            score_mask = torch.zeros((len(chunk), width), dtype=torch.bool)
-            for b, (_, _, seq, mask) in enumerate(chunk):
-                ids[b, : len(seq)] = torch.tensor(seq)
-                attn[b, : len(seq)] = 1
-                score_mask[b, : len(seq)] = torch.tensor(mask)
+        full.sort(key=lambda s: len(s[2]))
+        for start in range(0, len(full), self.batch_size):
+            chunk = full[start : start + self.batch_size]
+            ids, attn, score_mask = _right_pad([(s[2], s[3]) for s in chunk], self.pad_id)
             logp = token_logprobs(
                 self.model, ids.to(self.device), attn.to(self.device), score_mask.to(self.device)
             )
@@ -190,6 +213,49 @@ class ModelPolicy:
             for b, (e, c, _, _) in enumerate(chunk):
                 out[e][c] = totals[b]
         return out
+
+    def _score_from_prefix(self, groups: list, out: list[np.ndarray]) -> None:
+        """Score the candidate suffixes of ``groups`` [(episode, prompt ids, [(c, ids, mask)])]
+        from one batched forward of the prompts (right-padded, KV cache kept) into ``out``."""
+        dev = self.device
+        p_ids, p_attn, _ = _right_pad([(g[1], [False] * len(g[1])) for g in groups], self.pad_id)
+        p_ids, p_attn = p_ids.to(dev), p_attn.to(dev)
+        lens = p_attn.sum(dim=1)
+        pre = self.model(
+            input_ids=p_ids, attention_mask=p_attn, use_cache=True, logits_to_keep=(lens - 1)[:, None]
+        )
+        first = torch.log_softmax(pre.logits[:, 0].float(), dim=-1)  # [E, V]: suffix token 0
+        owner = torch.tensor([g for g, grp in enumerate(groups) for _ in grp[2]], device=dev)
+        cache = pre[self._cache_kw]
+        cache.batch_select_indices(owner)  # one copy of its episode's history per candidate
+        ids, attn, score_mask = _right_pad([(c[1], c[2]) for grp in groups for c in grp[2]], self.pad_id)
+        ids, attn, score_mask = ids.to(dev), attn.to(dev), score_mask.to(dev)
+        totals = torch.where(score_mask[:, 0], first[owner, ids[:, 0]], 0.0).double()
+        keep = torch.zeros_like(score_mask)
+        keep[:, :-1] = score_mask[:, 1:]  # logits at j predict suffix token j + 1
+        if bool(keep.any()):
+            # prompt padding sits between prompt and suffix: mask it out, give true positions
+            positions = lens[owner][:, None] + torch.arange(ids.shape[1], device=dev)[None]
+            logits = self.model(
+                input_ids=ids,
+                attention_mask=torch.cat([p_attn[owner], attn], dim=1),
+                position_ids=positions,
+                logits_to_keep=keep,
+                **{self._cache_kw: cache},
+            ).logits
+            logp = torch.zeros(score_mask.shape, dtype=torch.float32, device=dev)
+            logp[:, 1:][score_mask[:, 1:]] = -F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(),
+                ids[:, 1:][score_mask[:, 1:]],
+                reduction="none",
+            )
+            totals = totals + logp.sum(dim=1).double()
+        totals_np = totals.cpu().numpy()
+        k = 0
+        for e, _, cands in groups:
+            for c, _, _ in cands:
+                out[e][c] = totals_np[k]
+                k += 1
 
     def _choose(self, scores: np.ndarray) -> int:
         if self.temperature == 0:
@@ -234,3 +300,18 @@ class ModelPolicy:
         for stop in END_OF_TURN_TOKENS:
             text = text.split(stop, 1)[0]
         return text
+
+
+def _right_pad(
+    seqs: Sequence[tuple[list[int], list[bool]]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids int64 [B, T], attention int64 [B, T], score mask bool [B, T]), right-padded."""
+    width = max(len(ids) for ids, _ in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for b, (seq, m) in enumerate(seqs):
+        ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attn[b, : len(seq)] = 1
+        mask[b, : len(seq)] = torch.tensor(m, dtype=torch.bool)
+    return ids, attn, mask

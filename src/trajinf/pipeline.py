@@ -7,31 +7,43 @@ shards (checksums verified by the store).
 
 from __future__ import annotations
 
-import hashlib
+import copy
+import io
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from trajinf.checkpoints import (
-    load_checkpoint_state,
-    load_model,
-    model_fingerprint,
-    tokenizer_fingerprint,
+from trajinf.checkpoints import load_model
+from trajinf.distributed import (  # noqa: F401  (items_table, extract_store: public here too)
+    ProgressFactory,
+    RankContext,
+    _load_checkpoints,
+    _pool_digest,
+    extract_store,
+    items_table,
+    resolve_device,
+    shard_bounds,
 )
-from trajinf.errors import TrajinfError
+from trajinf.errors import StoreCorruptError, TrajinfError
 from trajinf.gradients import ExtractionConfig, extract_features, feature_dim
-from trajinf.scoring import ScoreConfig, ScoreResult, score_stores
+from trajinf.scoring import (
+    PoolSource,
+    ScoreConfig,
+    ScoreResult,
+    directions_from_stores,
+    score_stores,
+    top_k,
+)
+from trajinf.scoring import score_pool as score_directions_pool
 from trajinf.selection import harmful_flags, null_scores
-from trajinf.store import FeatureStore
+from trajinf.store import FeatureStore, _atomic_write
 from trajinf.tokenize import TokenizedTrajectory, tokenize_pool
 from trajinf.trajectories import Trajectory, field_value, load_pool
-
-ProgressFactory = Callable[[str, int], Callable[[int], None]]
 
 
 @dataclass
@@ -48,6 +60,8 @@ class ScoreJobConfig:
     shard_items: int = 256
     baselines: bool = True
     seed: int = 0
+    device: str = "auto"  # "auto" (cuda if visible, else cpu) | "cpu" | "cuda" | "cuda:1" ...
+    trust_remote_code: bool = False  # only with an explicit --trust-remote-code
 
     def to_dict(self) -> dict:
         """A JSON-able dict of the whole config."""
@@ -65,14 +79,6 @@ class ScoreOutputs:
     timings: dict
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _subtask_of(trajs: Sequence[Trajectory], name: str) -> list[str]:
     out = []
     for t in trajs:
@@ -81,137 +87,100 @@ def _subtask_of(trajs: Sequence[Trajectory], name: str) -> list[str]:
     return out
 
 
-def items_table(
-    trajs: Sequence[Trajectory], tokens: Sequence[TokenizedTrajectory], subtasks: Sequence[str]
-) -> pd.DataFrame:
-    """One row per trajectory (step -1) followed by one row per kept step, in input order."""
-    rows = []
-    for i, (t, tok) in enumerate(zip(trajs, tokens, strict=True)):
-        act = tok.action_mask.astype(bool)
-        steps = np.unique(tok.step_ids[tok.step_ids >= 0])
-        base = {
-            "id": t.id,
-            "task_id": t.task_id,
-            "subtask": subtasks[i],
-            "source": t.source,
-            "success": t.success,
-            "reward": t.reward,
-            "item": i,
-        }
-        rows.append({**base, "step": -1, "n_action_tokens": int(act.sum())})
-        for s in steps:
-            n = int((act & (tok.step_ids == s)).sum())
-            rows.append({**base, "step": int(s), "n_action_tokens": n})
-    return pd.DataFrame(rows)
-
-
-def _extract_into(
-    store: FeatureStore,
-    ckpt: int,
-    model,
-    tokens: Sequence[TokenizedTrajectory],
-    items: pd.DataFrame,
-    config: ExtractionConfig,
-    state,
-    shard_items: int,
-    progress: Callable[[int], None] | None,
-) -> int:
-    """Extract features for every shard not yet in ``store``; returns the number of items done."""
-    done = 0
-    for shard, start in enumerate(range(0, len(tokens), shard_items)):
-        stop = min(start + shard_items, len(tokens))
-        if store.has_shard(ckpt, shard):
-            if progress:
-                progress(stop - start)
-            continue
-        by_item = {}
-        for f in extract_features(model, tokens[start:stop], config, checkpoint_state=state):
-            by_item[start + f.index] = f
-            done += 1
-            if progress:
-                progress(1)
-        order = [by_item[i] for i in range(start, stop)]
-        feats = [r for f in order for r in (f.trajectory[None, :], f.steps)]
-        meta = [{"item": start + f.index, "loss": f.loss, "finite": f.finite} for f in order]
-        shard_rows = items[(items["item"] >= start) & (items["item"] < stop)].copy()
-        block = np.concatenate(feats, axis=0) if feats else np.zeros((0, store.dim), np.float32)
-        if len(block) != len(shard_rows):
-            raise TrajinfError(
-                f"internal: shard {shard} has {len(block)} feature rows for {len(shard_rows)} items"
-            )
-        info = pd.DataFrame(meta).set_index("item")
-        shard_rows["loss"] = shard_rows["item"].map(info["loss"]).astype(float)
-        shard_rows["finite"] = shard_rows["item"].map(info["finite"]).astype(bool)
-        store.write_shard(ckpt, shard, shard_rows, block)
-    return done
-
-
 def _checkpoint_list(model_dir: Path, checkpoints: Sequence[str | Path]) -> list[Path]:
     return [Path(c) for c in checkpoints] if checkpoints else [Path(model_dir)]
 
 
-def _pool_digest(source, trajs: Sequence[Trajectory]) -> str:
-    if isinstance(source, (str, Path)) and Path(source).is_file():
-        return _file_sha256(Path(source))
-    h = hashlib.sha256()
-    for t in trajs:
-        h.update(json.dumps([t.id, t.messages], sort_keys=True, default=str).encode())
-    return h.hexdigest()
+def _load_inputs(
+    model_dir: Path, pool, target, config: ScoreJobConfig, *, tokenize_pool_too: bool = True
+):
+    """(pool trajectories, target trajectories, pool tokens or None, target tokens)."""
+    pool_trajs = list(pool) if not isinstance(pool, (str, Path)) else load_pool(pool)
+    target_trajs = list(target) if not isinstance(target, (str, Path)) else load_pool(target)
+    tokenizer = _load_tokenizer(model_dir, trust_remote_code=config.trust_remote_code)
+    pool_tok = (
+        tokenize_pool(pool_trajs, tokenizer, max_length=config.max_length)
+        if tokenize_pool_too
+        else None
+    )
+    target_tok = tokenize_pool(target_trajs, tokenizer, max_length=config.max_length)
+    return pool_trajs, target_trajs, pool_tok, target_tok
 
 
-def extract_store(
-    path: Path,
-    trajs: Sequence[Trajectory],
-    tokens: Sequence[TokenizedTrajectory],
-    subtasks: Sequence[str],
-    checkpoints: Sequence[Path],
-    config: ExtractionConfig,
+@dataclass
+class ExtractedJob:
+    """What :func:`extract_job` produced: the stores and the inputs they were built from."""
+
+    stores: dict[str, FeatureStore]
+    pool: list[Trajectory]
+    target: list[Trajectory]
+    pool_tokens: list[TokenizedTrajectory]
+    target_tokens: list[TokenizedTrajectory]
+    checkpoints: list[Path]
+    timings: dict[str, float]
+
+
+def extract_job(
+    model_dir: str | Path,
+    pool: str | Path | Sequence[Trajectory],
+    out: str | Path,
     *,
-    input_digest: str,
-    lora: bool = False,
-    shard_items: int = 256,
+    target: str | Path | Sequence[Trajectory] | None = None,
+    checkpoints: Sequence[str | Path] = (),
+    config: ScoreJobConfig | None = None,
     progress: ProgressFactory | None = None,
-    label: str = "pool",
-) -> FeatureStore:
-    """Extract (or resume extracting) features of ``trajs`` at every checkpoint into a store.
-
-    The store's fingerprint covers the model weights at each checkpoint, the tokenizer, the
-    extraction config and the input, so reopening it with anything else fails loudly.
+    rank: RankContext | None = None,
+) -> ExtractedJob:
+    """Extract the pool (and target) stores of a scoring job into ``out/store/{pool,target}``
+    without scoring; ``score_pool`` / ``trajinf score`` with the same options reuse them. Under
+    ``torchrun`` pass ``rank=rank_context()``: shards are split over ranks and merged by rank 0.
     """
-    items = items_table(trajs, tokens, subtasks)
-    ckpt_info, models = [], []
-    for c in checkpoints:
-        model, tok = load_model(c, lora=lora)
-        state = load_checkpoint_state(c)
-        lr = float(state.learning_rate) if state is not None else 1.0
-        ckpt_info.append({"path": str(c), "lr": lr, "model": model_fingerprint(model)})
-        models.append((model, tok, state))
-    tok0 = models[0][1]
-    fingerprint = {
-        "models": [ci["model"] for ci in ckpt_info],
-        "tokenizer": tokenizer_fingerprint(tok0),
-        "extraction": asdict(config),
-        "input_sha256": input_digest,
-        "n_items": len(trajs),
-    }
-    dim = feature_dim(models[0][0], config)
-    if (path / "manifest.json").exists():
-        store = FeatureStore.open(path, expect=fingerprint)
-    else:
-        store = FeatureStore.create(path, fingerprint=fingerprint, dim=dim, checkpoints=ckpt_info)
-    for c, (model, _tok, state) in enumerate(models):
-        if config.preconditioner != "none" and state is None:
-            raise TrajinfError(
-                f"preconditioner '{config.preconditioner}' needs optimizer moments, but "
-                f"{checkpoints[c]} has no optimizer.safetensors (pass warmup --checkpoint dirs)"
-            )
-        tick = (
-            progress(f"{label} features, checkpoint {c + 1}/{len(models)}", len(tokens))
-            if progress
-            else None
+    config = config or ScoreJobConfig()
+    ctx = rank or RankContext()
+    out = Path(out)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    ckpts = _checkpoint_list(Path(model_dir), checkpoints)
+    targets = target if target is not None else []
+    pool_trajs, target_trajs, pool_tok, target_tok = _load_inputs(
+        Path(model_dir), pool, targets, config
+    )
+    timings["load_tokenize_s"] = time.perf_counter() - t0
+    device = ctx.device() if ctx.backend == "nccl" else resolve_device(config.device)
+    common = dict(
+        lora=config.lora,
+        shard_items=config.shard_items,
+        progress=progress,
+        rank=ctx,
+        device=device,
+        trust_remote_code=config.trust_remote_code,
+    )
+    stores = {}
+    for name, trajs, toks, src, cfg in (
+        ("pool", pool_trajs, pool_tok, pool, config.extraction),
+        ("target", target_trajs, target_tok, targets, _target_config(config)),
+    ):
+        if name == "target" and target is None:
+            continue
+        t0 = time.perf_counter()
+        stores[name] = extract_store(
+            out / "store" / name,
+            trajs,
+            toks,
+            _subtask_of(trajs, config.subtask_field),
+            ckpts,
+            cfg,
+            input_digest=_pool_digest(src, trajs),
+            label=name,
+            **common,
         )
-        _extract_into(store, c, model, tokens, items, config, state, shard_items, tick)
-    return store
+        timings[f"extract_{name}_s"] = time.perf_counter() - t0
+    return ExtractedJob(stores, pool_trajs, target_trajs, pool_tok, target_tok, ckpts, timings)
+
+
+def _target_config(config: ScoreJobConfig) -> ExtractionConfig:
+    # LESS: target gradients are plain (no optimizer preconditioning).
+    return ExtractionConfig(**{**asdict(config.extraction), "preconditioner": "none"})
 
 
 def score_pool(
@@ -223,58 +192,62 @@ def score_pool(
     checkpoints: Sequence[str | Path] = (),
     config: ScoreJobConfig | None = None,
     progress: ProgressFactory | None = None,
+    append: bool = False,
+    top_k: int | None = None,
 ) -> ScoreOutputs:
     """Score every pool trajectory and step against the target; write stores and parquet tables.
 
     Writes ``out/store/{pool,target}/``, ``out/scores.parquet`` (id, score, per-subtask scores,
     harmful, ...), ``out/step_scores.parquet`` (id, step, score), ``out/statistics.parquet``
-    (baseline statistics: loss, grad_norm, length, rds) and ``out/job.json``.
+    (baseline statistics: loss, grad_norm, length, rds) and ``out/job.json`` (with
+    ``"nonfinite"``: ids whose loss or gradient was not finite; they get NaN scores and are never
+    selected). Every output is written atomically, so a killed job leaves old or new files.
+
+    ``append=True`` with an existing ``out``: pool trajectories whose ids are already in the
+    pool store are skipped; the others are extracted into new shards and scored against the
+    stored target with the stored directions and harmful thresholds, and their rows are added
+    to the tables. ``top_k=k``: only a selection is needed, so the k best trajectories are kept
+    by a streaming pass (memory: one block plus k) and written to ``out/top.parquet``
+    (id, score); no step scores, null or flags.
     """
     config = config or ScoreJobConfig()
     out = Path(out)
+    if append and (out / "job.json").exists():
+        return _score_appended(
+            model_dir, pool, target, out, checkpoints=checkpoints, config=config, progress=progress
+        )
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    pool_trajs = list(pool) if not isinstance(pool, (str, Path)) else load_pool(pool)
-    target_trajs = list(target) if not isinstance(target, (str, Path)) else load_pool(target)
-    ckpts = _checkpoint_list(Path(model_dir), checkpoints)
-    _, tokenizer = load_model(Path(model_dir))
-    pool_tok = tokenize_pool(pool_trajs, tokenizer, max_length=config.max_length)
-    target_tok = tokenize_pool(target_trajs, tokenizer, max_length=config.max_length)
-    timings["load_tokenize_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    pool_store = extract_store(
-        out / "store" / "pool",
-        pool_trajs,
-        pool_tok,
-        _subtask_of(pool_trajs, config.subtask_field),
-        ckpts,
-        config.extraction,
-        input_digest=_pool_digest(pool, pool_trajs),
-        lora=config.lora,
-        shard_items=config.shard_items,
+    ext = extract_job(
+        model_dir,
+        pool,
+        out,
+        target=target,
+        checkpoints=checkpoints,
+        config=config,
         progress=progress,
-        label="pool",
     )
-    timings["extract_pool_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    # LESS: target gradients are plain (no optimizer preconditioning).
-    target_cfg = ExtractionConfig(**{**asdict(config.extraction), "preconditioner": "none"})
-    target_store = extract_store(
-        out / "store" / "target",
-        target_trajs,
-        target_tok,
-        _subtask_of(target_trajs, config.subtask_field),
-        ckpts,
-        target_cfg,
-        input_digest=_pool_digest(target, target_trajs),
-        lora=config.lora,
-        shard_items=config.shard_items,
-        progress=progress,
-        label="target",
-    )
-    timings["extract_target_s"] = time.perf_counter() - t0
+    timings = ext.timings
+    pool_store, target_store = ext.stores["pool"], ext.stores["target"]
+    pool_trajs, pool_tok, ckpts = ext.pool, ext.pool_tokens, ext.checkpoints
+    job = {
+        "model": str(model_dir),
+        "checkpoints": [str(c) for c in ckpts],
+        "config": config.to_dict(),
+        "n_pool": len(pool_trajs),
+        "n_target": len(ext.target),
+        "dropped_steps": int(sum(t.dropped_steps for t in pool_tok)),
+        "nonfinite": nonfinite_ids(pool_store),
+        "nonfinite_target": nonfinite_ids(target_store),
+    }
+    if top_k is not None:
+        t0 = time.perf_counter()
+        top = top_k_scores(pool_store, target_store, config.scoring, top_k)
+        write_parquet(top, out / "top.parquet")
+        timings["score_s"] = time.perf_counter() - t0
+        write_json({**job, "top_k": top_k, "timings": timings}, out / "job.json")
+        return ScoreOutputs(
+            out, top, pd.DataFrame({"id": [], "step": [], "score": []}), {}, timings
+        )
 
     t0 = time.perf_counter()
     result: ScoreResult = score_stores(pool_store, target_store, config.scoring)
@@ -288,7 +261,28 @@ def score_pool(
     flags, harmful_info = harmful_flags(result, null, alpha=config.harmful_alpha)
     timings["score_s"] = time.perf_counter() - t0
 
-    traj = result.trajectories.merge(flags, on="id", how="left")
+    traj = _with_meta(result.trajectories.merge(flags, on="id", how="left"), pool_trajs)
+    write_parquet(traj, out / "scores.parquet")
+    write_parquet(result.steps, out / "step_scores.parquet")
+    if config.baselines:
+        t0 = time.perf_counter()
+        stats = baseline_statistics(
+            model_dir,
+            pool_tok,
+            ext.target_tokens,
+            pool_store,
+            target_store,
+            pool_trajs,
+            trust_remote_code=config.trust_remote_code,
+        )
+        write_parquet(stats, out / "statistics.parquet")
+        timings["baselines_s"] = time.perf_counter() - t0
+    job = {**job, "harmful": harmful_info, "timings": timings}
+    write_json(job, out / "job.json")
+    return ScoreOutputs(out, traj, result.steps, harmful_info, timings)
+
+
+def _with_meta(traj: pd.DataFrame, pool_trajs: Sequence[Trajectory]) -> pd.DataFrame:
     meta = pd.DataFrame(
         {
             "id": [t.id for t in pool_trajs],
@@ -297,37 +291,173 @@ def score_pool(
             "success": [t.success for t in pool_trajs],
         }
     )
-    traj = meta.merge(traj, on="id", how="left")
-    _write_parquet(traj, out / "scores.parquet")
-    _write_parquet(result.steps, out / "step_scores.parquet")
-    if config.baselines:
-        t0 = time.perf_counter()
-        stats = baseline_statistics(
-            model_dir, pool_tok, target_tok, pool_store, target_store, pool_trajs
+    return meta.merge(traj, on="id", how="left")
+
+
+def nonfinite_ids(store: FeatureStore) -> list[str]:
+    """Ids of the store's trajectories whose loss or gradient was not finite (zero features)."""
+    it = store.items
+    bad = it[(it["step"] == -1) & ~it["finite"].astype(bool)]
+    return [str(i) for i in bad.sort_values("row")["id"]]
+
+
+def top_k_scores(
+    pool: FeatureStore, target: FeatureStore, config: ScoreConfig, k: int
+) -> pd.DataFrame:
+    """The ``k`` best trajectories (id, score; descending) by one streaming pass over the pool
+    (:func:`trajinf.scoring.top_k`); non-finite items are never among them."""
+    if k < 1:
+        raise TrajinfError(f"top_k must be >= 1, got {k}")
+    return top_k(pool, target, config, k)
+
+
+def _load_tokenizer(model_dir: Path, *, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    if (
+        not (Path(model_dir) / "config.json").is_file()
+        and not (Path(model_dir) / "adapter_config.json").is_file()
+    ):
+        raise TrajinfError(f"{model_dir}: not a model directory (no config.json)")
+    return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+
+
+def _view(store: FeatureStore, keep: np.ndarray) -> FeatureStore:
+    """The same store with only the items rows where ``keep`` (a read-only view)."""
+    v = copy.copy(store)
+    v.items = store.items[keep].reset_index(drop=True)
+    return v
+
+
+def _score_appended(
+    model_dir, pool, target, out: Path, *, checkpoints, config: ScoreJobConfig, progress
+) -> ScoreOutputs:
+    """``score_pool(append=True)``: extract and score only trajectories not yet scored."""
+    job = json.loads((out / "job.json").read_text())
+    if "harmful" not in job:
+        raise TrajinfError(f"{out / 'job.json'}: no full scoring to append to; run without append")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    ckpts = _checkpoint_list(Path(model_dir), checkpoints)
+    pool_trajs, target_trajs, _, target_tok = _load_inputs(
+        Path(model_dir), pool, target, config, tokenize_pool_too=False
+    )
+    models, ckpt_info, fp = _load_checkpoints(
+        ckpts,
+        config.extraction,
+        lora=config.lora,
+        device=resolve_device(config.device),
+        trust_remote_code=config.trust_remote_code,
+    )
+    dim = feature_dim(models[0][0], config.extraction)
+    store = FeatureStore.open(
+        out / "store" / "pool", expect={**fp, "dim": dim, "checkpoints": ckpt_info}
+    )
+    if store.verify():
+        raise StoreCorruptError(
+            f"{store.path}: damaged shards {store.verify()}; rerun without append on the full pool"
         )
-        _write_parquet(stats, out / "statistics.parquet")
-        timings["baselines_s"] = time.perf_counter() - t0
-    job = {
-        "model": str(model_dir),
-        "checkpoints": [str(c) for c in ckpts],
-        "config": config.to_dict(),
-        "harmful": harmful_info,
-        "timings": timings,
-        "n_pool": len(pool_trajs),
-        "n_target": len(target_trajs),
-        "dropped_steps": int(sum(t.dropped_steps for t in pool_tok)),
-    }
-    _write_json(job, out / "job.json")
-    return ScoreOutputs(out, traj, result.steps, harmful_info, timings)
+    known = set(store.items["id"])
+    new = [t for t in pool_trajs if t.id not in known]
+    tokenizer = _load_tokenizer(Path(model_dir), trust_remote_code=config.trust_remote_code)
+    new_tok = tokenize_pool(new, tokenizer, max_length=config.max_length)
+    timings["load_tokenize_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    n_old = int(store.manifest["n_items"])
+    items = items_table(new, new_tok, _subtask_of(new, config.subtask_field))
+    items["item"] += n_old
+    tick = progress("pool features (appended)", len(new)) if progress and new else None
+    for a, b in shard_bounds(len(new), config.shard_items):
+        blocks, loss, finite = [], {}, {}
+        for c, (model, _tok, state) in enumerate(models):
+            fs = list(
+                extract_features(model, new_tok[a:b], config.extraction, checkpoint_state=state)
+            )
+            blocks.append(np.concatenate([r for f in fs for r in (f.trajectory[None], f.steps)]))
+            if c == 0:  # as in extract_store: the items table keeps the first checkpoint's loss
+                loss = {n_old + a + f.index: f.loss for f in fs}
+                finite = {n_old + a + f.index: f.finite for f in fs}
+        rows = items[(items["item"] >= n_old + a) & (items["item"] < n_old + b)].copy()
+        rows["loss"] = rows["item"].map(loss).astype(float)
+        rows["finite"] = rows["item"].map(finite).astype(bool)
+        store.append(rows, blocks)
+        if tick:
+            tick(b - a)
+    timings["extract_pool_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    old_scores = pd.read_parquet(out / "scores.parquet")
+    fresh = ~store.items["id"].isin(set(old_scores["id"].astype(str)))
+    by_id = {t.id: t for t in pool_trajs}
+    todo_ids = store.items.loc[fresh & (store.items["step"] == -1), "id"].tolist()
+    missing = [i for i in todo_ids if i not in by_id]
+    if missing:
+        raise TrajinfError(
+            f"{store.path}: ids {missing[:3]} were appended by an interrupted run but are not in "
+            "this pool; pass the same pool again"
+        )
+    target_store = FeatureStore.open(out / "store" / "target")
+    dirs = directions_from_stores(_view(store, ~fresh.to_numpy()), target_store, config.scoring)
+    new_view = _view(store, fresh.to_numpy())
+    result = score_directions_pool(PoolSource.from_store(new_view), dirs, config.scoring)
+    h = job["harmful"]
+    s = result.trajectories["score"].to_numpy(float)
+    m = result.trajectories["min_step_score"].to_numpy(float)
+    with np.errstate(invalid="ignore"):
+        by_score, by_step = s < h["score_threshold"], m < h["step_threshold"]
+    reason = np.where(
+        by_score & by_step,
+        "score+step",
+        np.where(by_score, "score", np.where(by_step, "step", "")),
+    )
+    ids = result.trajectories["id"]
+    flags = pd.DataFrame({"id": ids, "harmful": by_score | by_step, "reason": reason})
+    todo = [by_id[i] for i in todo_ids]
+    traj = _with_meta(result.trajectories.merge(flags, on="id", how="left"), todo)
+    traj = pd.concat([old_scores, traj], ignore_index=True)
+    steps = pd.concat(
+        [pd.read_parquet(out / "step_scores.parquet"), result.steps], ignore_index=True
+    )
+    timings["score_s"] = time.perf_counter() - t0
+    if config.baselines and (out / "statistics.parquet").exists() and todo:
+        todo_tok = tokenize_pool(todo, tokenizer, max_length=config.max_length)
+        stats = baseline_statistics(
+            model_dir,
+            todo_tok,
+            target_tok,
+            new_view,
+            target_store,
+            todo,
+            trust_remote_code=config.trust_remote_code,
+        )
+        stats = pd.concat([pd.read_parquet(out / "statistics.parquet"), stats], ignore_index=True)
+        write_parquet(stats.drop_duplicates("id", keep="last"), out / "statistics.parquet")
+    # step scores first: a kill between the two writes leaves these ids unscored, so a rerun
+    # scores them again (scores.parquet decides what is done)
+    write_parquet(steps.drop_duplicates(["id", "step"], keep="last"), out / "step_scores.parquet")
+    write_parquet(traj, out / "scores.parquet")
+    added = {"n": len(todo), "input_sha256": _pool_digest(pool, pool_trajs)}
+    job["appended"] = [*job.get("appended", []), added]
+    job.update(n_pool=len(traj), nonfinite=nonfinite_ids(store), timings_append=timings)
+    write_json(job, out / "job.json")
+    return ScoreOutputs(out, traj, steps, h, timings)
 
 
 def baseline_statistics(
-    model_dir, pool_tok, target_tok, pool_store, target_store, pool_trajs
+    model_dir,
+    pool_tok,
+    target_tok,
+    pool_store,
+    target_store,
+    pool_trajs,
+    *,
+    trust_remote_code: bool = False,
 ) -> pd.DataFrame:
     """Per-item statistics the baseline selectors need: loss, grad_norm, length, rds."""
     from trajinf.baselines import hidden_state_embeddings, rds_scores
 
-    model, _ = load_model(Path(model_dir))
+    model, _ = load_model(Path(model_dir), trust_remote_code=trust_remote_code)
     pool_emb = hidden_state_embeddings(model, pool_tok)
     target_emb = hidden_state_embeddings(model, target_tok)
     t_items = target_store.items
@@ -348,13 +478,14 @@ def baseline_statistics(
     )
 
 
-def _write_parquet(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_parquet(tmp, index=False)
-    tmp.replace(path)
+def write_parquet(df: pd.DataFrame, path: Path) -> None:
+    """Write a table atomically (temp file, fsync, rename): readers see old or new, never half."""
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    _atomic_write(Path(path), lambda f: f.write(buf.getvalue()))
 
 
-def _write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
+def write_json(obj: dict, path: Path) -> None:
+    """Write JSON atomically (temp file, fsync, rename)."""
+    text = json.dumps(obj, indent=2, default=str).encode()
+    _atomic_write(Path(path), lambda f: f.write(text))

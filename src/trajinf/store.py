@@ -20,8 +20,9 @@ import io
 import json
 import logging
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +75,12 @@ def _atomic_write(path: Path, write: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    # fsync the directory so the rename itself survives a power loss.
-    dfd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it survives a power loss."""
+    dfd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dfd)
     finally:
@@ -117,6 +122,38 @@ def _normalize_items(rows: pd.DataFrame, start: int) -> pd.DataFrame:
         df[col] = df[col].astype(dtype)
     extra = [c for c in df.columns if c not in ITEM_COLUMNS]
     return df[list(ITEM_COLUMNS) + extra]
+
+
+def _canonical_items(items: pd.DataFrame) -> pd.DataFrame:
+    """The items table as written: row order, fixed dtypes, and one dtype per extra column
+    chosen from its values (not from how the frame was built: concatenation, a parquet round
+    trip on resume, several ranks), so equal contents give byte-identical parquet files."""
+    df = items.sort_values("row", kind="stable").reset_index(drop=True)
+    for col in df.columns:
+        if col in ITEM_COLUMNS:
+            continue
+        values = df[col]
+        present = values[values.notna()]
+        if present.empty:
+            df[col] = pd.Series([None] * len(df), dtype=object)
+        elif all(isinstance(v, (bool, np.bool_)) for v in present):
+            df[col] = values.astype("boolean")
+        elif all(
+            isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+            for v in present
+        ):
+            df[col] = values.astype("float64")
+        else:
+            df[col] = pd.Series([_text_or_none(v) for v in values], dtype="str")
+    return df
+
+
+def _text_or_none(v: Any) -> str | None:
+    if isinstance(v, str):
+        return v
+    if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)):
+        return None
+    return str(v)
 
 
 class FeatureStore:
@@ -306,8 +343,6 @@ class FeatureStore:
         row ids are those of the same shard at another checkpoint, else continue after the last
         recorded shard). Rewriting a recorded shard replaces it.
         """
-        if not 0 <= ckpt < self.n_checkpoints:
-            raise TrajinfError(f"{self.path}: ckpt {ckpt} out of range 0..{self.n_checkpoints - 1}")
         features = np.asarray(features)
         if features.ndim != 2 or features.shape != (len(rows), self.dim):
             raise TrajinfError(
@@ -320,6 +355,87 @@ class FeatureStore:
                 f"{self.path}: shard {shard} has non-finite or float16-overflowing features; "
                 "zero the features of non-finite items and mark them finite=False"
             )
+        items, lo, hi, existing = self._shard_rows(ckpt, shard, rows)
+        path = self.shard_path(ckpt, shard)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        np.save(buf, f32.astype(np.float16), allow_pickle=False)
+        digest = hashlib.sha256(buf.getbuffer()).hexdigest()
+        self._maps.pop((ckpt, shard), None)
+        _atomic_write(path, lambda f: f.write(buf.getbuffer()))
+        if existing is None:
+            old = self.items
+            keep = (old["row"] < lo) | (old["row"] >= hi)
+            self.items = pd.concat([old[keep], items], ignore_index=True).sort_values("row")
+            self.items = self.items.reset_index(drop=True)
+            self._write_items()
+        self._record(ckpt, shard, lo, hi, digest)
+        self.manifest["n_items"] = int((self.items["step"] == -1).sum())
+        self._write_manifest()
+
+    def adopt_shards(self, shards: Sequence[tuple[int, int, pd.DataFrame, Path]]) -> None:
+        """Take already written shard files ``(ckpt, shard, rows, source)`` into this store
+        (e.g. the partial stores of several ranks, on the same filesystem), then write the
+        items table and the manifest once.
+
+        ``rows`` is a shard's items table with its final ``row`` ids. Each file is checked
+        (float16 [len(rows), D]) and hard-linked (copied if links are unsupported) into place;
+        the recorded sha256 is that of its bytes, so the result is the same as if
+        :meth:`write_shard` had written the shards. A crash before the manifest is written
+        leaves the sources intact and the new files unrecorded (ignored on open).
+        """
+        pending: dict[int, pd.DataFrame] = {}
+        for ckpt, shard, rows, source in shards:
+            source = Path(source)
+            try:
+                arr = np.load(source, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise StoreCorruptError(f"{source}: unreadable shard ({e})") from e
+            shape, dtype = arr.shape, arr.dtype
+            del arr
+            if shape != (len(rows), self.dim) or dtype != np.float16:
+                raise StoreCorruptError(
+                    f"{source}: shape {shape} {dtype}, expected ({len(rows)}, {self.dim})"
+                )
+            items, lo, hi, existing = self._shard_rows(ckpt, shard, rows, pending)
+            digest = _sha256(source)
+            path = self.shard_path(ckpt, shard)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.adopt")
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(source, tmp)
+            except OSError:
+                shutil.copyfile(source, tmp)
+            self._maps.pop((ckpt, shard), None)
+            os.replace(tmp, path)
+            if existing is None:
+                pending[shard] = items
+            self._record(ckpt, shard, lo, hi, digest)
+        if not shards:
+            return
+        for d in {self.shard_path(c, s).parent for c, s, _, _ in shards}:
+            _fsync_dir(d)
+        if pending:
+            new = pd.concat(list(pending.values()), ignore_index=True)
+            old = self.items[~self.items["row"].isin(new["row"])]
+            self.items = pd.concat([old, new], ignore_index=True).sort_values("row")
+            self.items = self.items.reset_index(drop=True)
+            self._write_items()
+        self.manifest["n_items"] = int((self.items["step"] == -1).sum())
+        self._write_manifest()
+
+    def _shard_rows(
+        self,
+        ckpt: int,
+        shard: int,
+        rows: pd.DataFrame,
+        pending: dict[int, pd.DataFrame] | None = None,
+    ) -> tuple[pd.DataFrame, int, int, tuple[int, int] | None]:
+        """Validate a shard's rows; returns (items, first row, end row, existing range).
+        ``pending`` holds items of shards recorded but not yet in ``self.items``."""
+        if not 0 <= ckpt < self.n_checkpoints:
+            raise TrajinfError(f"{self.path}: ckpt {ckpt} out of range 0..{self.n_checkpoints - 1}")
         existing = self._range(shard)
         start = existing[0] if existing else int(self.manifest["n_rows"])
         items = _normalize_items(rows, start)
@@ -336,32 +452,22 @@ class FeatureStore:
                 raise TrajinfError(f"{self.path}: shard {shard} rows overlap shard {e['shard']}")
 
         if existing:
-            known = self.items.loc[(self.items["row"] >= lo) & (self.items["row"] < hi), "id"]
+            if pending and shard in pending:
+                known = pending[shard]["id"]
+            else:
+                known = self.items.loc[(self.items["row"] >= lo) & (self.items["row"] < hi), "id"]
             if known.tolist() != items["id"].tolist():
                 raise TrajinfError(
                     f"{self.path}: shard {shard} ids differ from the same shard at another checkpoint"
                 )
+        return items, lo, hi, existing
 
-        path = self.shard_path(ckpt, shard)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        np.save(buf, f32.astype(np.float16), allow_pickle=False)
-        digest = hashlib.sha256(buf.getbuffer()).hexdigest()
-        self._maps.pop((ckpt, shard), None)
-        _atomic_write(path, lambda f: f.write(buf.getbuffer()))
-
-        if existing is None:
-            old = self.items
-            keep = (old["row"] < lo) | (old["row"] >= hi)
-            self.items = pd.concat([old[keep], items], ignore_index=True).sort_values("row")
-            self.items = self.items.reset_index(drop=True)
-            self._write_items()
+    def _record(self, ckpt: int, shard: int, lo: int, hi: int, digest: str) -> None:
+        """Put a written shard into the in-memory manifest (the caller writes it)."""
         self.manifest["shards"] = [
             e for e in self.manifest["shards"] if not (e["ckpt"] == ckpt and e["shard"] == shard)
         ] + [{"ckpt": ckpt, "shard": shard, "rows": [lo, hi], "sha256": digest}]
         self.manifest["n_rows"] = max(int(self.manifest["n_rows"]), hi)
-        self.manifest["n_items"] = int((self.items["step"] == -1).sum())
-        self._write_manifest()
         self._verified.add((ckpt, shard))
 
     def append(self, rows: pd.DataFrame, features: list[np.ndarray]) -> int:
@@ -379,10 +485,15 @@ class FeatureStore:
 
     def _write_items(self) -> None:
         buf = io.BytesIO()
-        self.items.to_parquet(buf, index=False)
+        _canonical_items(self.items).to_parquet(buf, index=False)
         _atomic_write(self.path / ITEMS, lambda f: f.write(buf.getvalue()))
 
     def _write_manifest(self) -> None:
+        # Shards in (ckpt, shard) order, whatever order they were written in (resume, repair,
+        # several ranks), so equal stores have byte-identical manifests.
+        self.manifest["shards"] = sorted(
+            self.manifest["shards"], key=lambda e: (e["ckpt"], e["shard"])
+        )
         text = json.dumps(self.manifest, indent=1).encode()
         _atomic_write(self.path / MANIFEST, lambda f: f.write(text))
 

@@ -131,7 +131,8 @@ def collate(
     return SFTBatch(ids, attn, w)
 
 
-def _base_forward(model: torch.nn.Module) -> Callable:
+def base_forward(model: torch.nn.Module) -> Callable:
+    """The ``forward`` of the model under any peft wrapper (for signature checks)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.forward
 
@@ -145,7 +146,7 @@ def supports_logits_to_keep(model: torch.nn.Module) -> bool:
         from transformers.modeling_utils import slice_logits_to_keep  # noqa: F401
     except ImportError:  # older transformers: no boolean-mask support
         return False
-    return "logits_to_keep" in inspect.signature(_base_forward(model)).parameters
+    return "logits_to_keep" in inspect.signature(base_forward(model)).parameters
 
 
 def token_logprobs(
@@ -257,13 +258,20 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float) -> torch.nn.Module
     """Wrap ``model`` with fresh LoRA adapters (peft) on its projections; no-op for peft models."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
+    from transformers.pytorch_utils import Conv1D
+
     if isinstance(model, PeftModel):
         return model
+    targets = lora_target_modules(model)
     cfg = LoraConfig(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=0.0,
-        target_modules=lora_target_modules(model),
+        target_modules=targets,
+        # gpt2's Conv1D stores weights transposed
+        fan_in_fan_out=any(
+            isinstance(m, Conv1D) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets
+        ),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, cfg)

@@ -2,8 +2,10 @@
 
 Per item: one forward (batch size 1), then the gradient of each step's masked loss
 (weights as in factorized mode: the item's 1/n_action_tokens), one backward per step over
-the retained graph. The trajectory gradient is
-the sum of the step gradients (plus the loss of action tokens outside any step, if any).
+the retained graph. The trajectory gradient is the sum of the step gradients (plus the
+gradient of action tokens outside any step, if any). Note the step semantics differ from
+factorized mode: here a step's feature is the gradient of its own loss; there it is the
+item-loss gradient flowing through the step's positions (see factorized.py).
 Then feature = m' / (sqrt(v') + eps) with LESS's one-more-step Adam moments ("adam") or the
 gradient ("none"), masked elementwise, and projected by `DenseProjector`. With "adam" the step
 features do not sum to the trajectory feature (the preconditioner is nonlinear in g).
@@ -84,7 +86,7 @@ class LessExtractor:
         self.mask = None
         if update_mask is not None:
             parts = [
-                update_mask[n].reshape(-1).float() if n in update_mask else torch.ones(k)
+                update_mask[n].reshape(-1).float().cpu() if n in update_mask else torch.ones(k)
                 for n, k in zip(names, numels, strict=True)
             ]
             self.mask = torch.cat(parts).to(device)
