@@ -2,11 +2,14 @@
 
 Times, in one run and with the same length-bucketed batches:
   (a) a plain training forward + backward (weight gradients) over the pool's tokens,
-  (b) factorized per-step extraction (`extract_features`, mode="factorized"),
+  (b) factorized per-step extraction (`extract_features`, mode="factorized"), with the
+      step split(s) chosen by --step-split ("position": one backward per batch; "loss": each
+      step's own-loss gradient, one backward per step slot),
   (c) LESS-mode extraction on a LoRA-wrapped copy (on a subset; normalized per token),
 and prints / writes JSON with tokens/s and the ratios b/a, c/a (time per token).
 
     python benchmarks/extract_speed.py --out /tmp/extract_speed.json
+    python benchmarks/extract_speed.py --step-split both --less-items 0
 """
 
 from __future__ import annotations
@@ -98,6 +101,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch-tokens", type=int, default=8192)
     ap.add_argument("--proj-dim", type=int, default=8192)
+    ap.add_argument(
+        "--step-split",
+        choices=["position", "loss", "both"],
+        default="position",
+        help="which factorized step split(s) to time in (b)",
+    )
     ap.add_argument("--less-items", type=int, default=8, help="LESS runs on this many items")
     ap.add_argument("--less-proj-dim", type=int, default=8192)
     ap.add_argument("--lora-rank", type=int, default=8)
@@ -123,14 +132,23 @@ def main(argv: list[str] | None = None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     pool = synthetic_pool(args.items, args.tokens, args.steps, args.vocab, seed=0)
     n_tokens = sum(len(it.input_ids) for it in pool)
-    fact = ExtractionConfig(proj_dim=args.proj_dim, batch_tokens=args.batch_tokens)
+    splits = ["position", "loss"] if args.step_split == "both" else [args.step_split]
+    facts = {
+        split: ExtractionConfig(
+            proj_dim=args.proj_dim, batch_tokens=args.batch_tokens, step_split=split
+        )
+        for split in splits
+    }
 
     time_training(model, pool[:2], args.batch_tokens)  # warm-up (allocator, kernels)
-    train_runs, fact_runs = [], []
-    for _ in range(args.repeats):  # interleaved, so load changes on a shared machine hit both
+    train_runs: list[float] = []
+    fact_runs: dict[str, list[float]] = {split: [] for split in splits}
+    for _ in range(args.repeats):  # interleaved, so load changes on a shared machine hit all
         train_runs.append(time_training(model, pool, args.batch_tokens))
-        fact_runs.append(time_extraction(model, pool, fact))
-    train_s, fact_s = min(train_runs), min(fact_runs)
+        for split in splits:
+            fact_runs[split].append(time_extraction(model, pool, facts[split]))
+    train_s = min(train_runs)
+    fact_s = {split: min(runs) for split, runs in fact_runs.items()}
 
     less_s, less_tokens = float("nan"), 0
     if args.less_items > 0:  # --less-items 0 skips (c)
@@ -172,11 +190,15 @@ def main(argv: list[str] | None = None) -> dict:
             "runs": train_runs,
             "tokens_per_s": n_tokens / train_s,
         },
-        "b_factorized": {
-            "seconds": fact_s,
-            "runs": fact_runs,
-            "tokens_per_s": n_tokens / fact_s,
-            "dim": feature_dim(model, fact),
+        **{
+            ("b_factorized" if split == "position" else "b_factorized_loss_split"): {
+                "step_split": split,
+                "seconds": fact_s[split],
+                "runs": fact_runs[split],
+                "tokens_per_s": n_tokens / fact_s[split],
+                "dim": feature_dim(model, facts[split]),
+            }
+            for split in splits
         },
         "c_less_lora": {
             "seconds": less_s,
@@ -185,7 +207,16 @@ def main(argv: list[str] | None = None) -> dict:
             "dim": args.less_proj_dim,
             "lora_rank": args.lora_rank,
         },
-        "ratio_b_over_a": per_tok(fact_s, n_tokens) / per_tok(train_s, n_tokens),
+        **{
+            ("ratio_b_over_a" if split == "position" else "ratio_b_loss_over_a"): fact_s[split]
+            / train_s
+            for split in splits
+        },
+        **(
+            {"ratio_b_loss_over_b_position": fact_s["loss"] / fact_s["position"]}
+            if len(splits) == 2
+            else {}
+        ),
         "ratio_c_over_a": per_tok(less_s, less_tokens) / per_tok(train_s, n_tokens)
         if less_tokens
         else None,

@@ -77,11 +77,13 @@ CASES = [(g, s) for g in GOALS for s in (0, 1)]
 @pytest.fixture(scope="module")
 def trained(chatml_tokenizer):
     """A tiny model overfit on the four two-step fetch trajectories."""
-    trajs = [Trajectory(id=f"{g}-{r}", messages=_messages(g, 2)) for g in GOALS for r in range(3)]
+    trajs = [Trajectory(id=g, messages=_messages(g, 2)) for g in GOALS]
     model = tiny_model(chatml_tokenizer, hidden=64, layers=2, heads=4, seed=0)
-    cfg = TrainConfig(epochs=30, lr=1e-2, batch_size=6, warmup_ratio=0.05, scheduler="cosine")
+    # ~150 full-batch steps: tiny models from scratch sit on a plateau (ignoring the goal) for
+    # the first ~50
+    cfg = TrainConfig(epochs=150, lr=3e-3, batch_size=4, warmup_ratio=0.0, scheduler="constant")
     res = train_sft(model, chatml_tokenizer, trajs, cfg)
-    assert res.losses[-1] < 0.3, res.losses[-5:]
+    assert res.losses[-1] < 0.02, res.losses[-5:]
     return res.model
 
 
@@ -98,7 +100,9 @@ def test_prefix_sharing_and_batching_do_not_change_scores(trained, chatml_tokeni
     full = ModelPolicy(trained, chatml_tokenizer, share_prefix=False, batch_size=64)
     one = ModelPolicy(trained, chatml_tokenizer, share_prefix=False, batch_size=1)
     assert ModelPolicy(trained, chatml_tokenizer).share_prefix  # the fast path is the default
-    for s, f, o in zip(shared, full.score_actions(episodes), one.score_actions(episodes), strict=True):
+    for s, f, o in zip(
+        shared, full.score_actions(episodes), one.score_actions(episodes), strict=True
+    ):
         np.testing.assert_allclose(s, o, atol=1e-3)
         np.testing.assert_allclose(f, o, atol=1e-3)
     # each episode alone gives the same scores as inside a batch

@@ -95,7 +95,9 @@ def test_store_refuses_another_projection(scored):
                    checkpoints=ckpts, config=other)  # fmt: skip
 
 
-@pytest.mark.parametrize("method", ["influence", "random", "success", "rds", "loss", "gradnorm", "length"])
+@pytest.mark.parametrize(
+    "method", ["influence", "random", "success", "rds", "loss", "gradnorm", "length"]
+)
 def test_select_writes_budgeted_subset_in_input_format(scored, method, tmp_path):
     d, _, pool, _, _ = scored
     out = tmp_path / "sel.jsonl"

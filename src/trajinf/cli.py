@@ -173,7 +173,11 @@ def report(
 
 def main() -> None:
     """Console entry point: user errors print one line and exit 2 (traceback with --debug)."""
+    from transformers.utils import logging as hf_logging
+
     from trajinf import cli_env  # noqa: F401  (registers rollout/train/eval/demo verbs)
+
+    hf_logging.disable_progress_bar()  # our own bars only: HF's per-save bars drown them
 
     try:
         app()

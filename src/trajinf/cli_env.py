@@ -178,7 +178,7 @@ def demo(
     table = Table(
         title=f"env success on held-out target tasks (budget {cfg.budget:.0%}, {cfg.seeds} seeds)"
     )
-    for col in ("method", "selected", "success mean", "std", "per seed"):
+    for col in ("method", "selected", "success mean", "std", "per seed", "step agreement"):
         table.add_column(col)
     for name, r in res["methods"].items():
         table.add_row(
@@ -187,10 +187,12 @@ def demo(
             f"{r['success_rate_mean']:.3f}",
             f"{r['success_rate_std']:.3f}",
             " ".join(f"{x:.2f}" for x in r["per_seed"]),
+            f"{r['step_agreement_mean']:.3f} ± {r['step_agreement_std']:.3f}",
         )
     Console().print(table)  # the table goes to stdout; logs and bars to stderr
     console.print(
-        f"base agent: {res['base_success_rate']:.3f}; harmful detection: {res['harmful_detection']}"
+        f"base agent: success {res['base_success_rate']:.3f}, step agreement "
+        f"{res['base_step_agreement']:.3f}; harmful detection: {res['harmful_detection']}"
     )
     console.print(
         f"runtime: {res['runtime_s']['total_s']:.0f}s -> {out}/results.json, {out}/report.html"

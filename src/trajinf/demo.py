@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -47,14 +48,15 @@ class DemoConfig:
     noisy_levels: tuple[float, ...] = (0.3, 0.6)
     planted_fraction: float = 0.15  # of expert demos on target families, relabelled harmful
     self_per_task: int = 2
-    seed_expert_fraction: float = 0.15  # expert demos the base agent learns from
+    n_base_tasks: int = 60  # expert demos (outside the pool) the base agent learns from
     warmup_fraction: float = 0.1
     warmup_checkpoints: int = 2
-    base_epochs: int = 6
-    finetune_epochs: int = 4
+    base_epochs: int = 10
+    finetune_steps: int = 100  # optimizer steps of every method's fine-tuning
     proj_dim: int = 2048
     with_tools: bool = False  # tool schemas in the prompt double the tokens; calls stay
     methods: tuple[str, ...] = METHODS
+    threads: int = 1  # tiny models are op-overhead bound: 1 thread is as fast, and robust to load
     seed: int = 0
     model: dict = field(default_factory=dict)  # overrides of the tiny model config
 
@@ -67,7 +69,16 @@ class DemoConfig:
     @classmethod
     def quick(cls, **kw) -> DemoConfig:
         """CI-sized preset on the built-in environment (a few minutes on 2 cores)."""
-        base = dict(env="builtin", seeds=2, n_train_tasks=60, n_test_tasks=40, budget=0.2)
+        base = dict(
+            env="builtin",
+            seeds=2,
+            n_train_tasks=60,
+            n_test_tasks=40,
+            budget=0.2,
+            n_base_tasks=30,
+            base_epochs=8,
+            finetune_steps=40,
+        )
         return cls(**{**base, **kw})
 
 
@@ -81,11 +92,16 @@ def run_demo(
     """Run the loop and write ``out/results.json`` and ``out/report.html``; return the results."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for sub in ("models", "scores"):  # a demo run rebuilds its models: old stores would not match
+        shutil.rmtree(out / sub, ignore_errors=True)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     random.seed(config.seed)
     np.random.seed(config.seed)
 
+    import torch
+
+    torch.set_num_threads(config.threads)
     env = make_env(config.env)
     t0 = time.perf_counter()
     data: DemoData = build_demo_data(env, config, out, progress=progress, log=log)
@@ -121,6 +137,7 @@ def run_demo(
 
     per_method: dict[str, list[float]] = {m: [] for m in config.methods}
     per_family: dict[str, list[dict]] = {m: [] for m in config.methods}
+    agreement: dict[str, list[float]] = {m: [] for m in config.methods}
     sizes: dict[str, int] = {}
     t0 = time.perf_counter()
     tick = progress("retrain + eval", len(config.methods) * config.seeds) if progress else None
@@ -145,6 +162,7 @@ def run_demo(
             ev = evaluate_model(env, model, tok, data.target_families, config)
             per_method[method].append(ev["success_rate"])
             per_family[method].append(ev["per_family"])
+            agreement[method].append(ev["step_agreement"])
             if tick:
                 tick(1)
     timings["retrain_eval_s"] = time.perf_counter() - t0
@@ -156,6 +174,9 @@ def run_demo(
             "success_rate_std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
             "per_seed": v,
             "per_family": per_family[m],
+            "step_agreement_mean": float(np.mean(agreement[m])),
+            "step_agreement_std": float(np.std(agreement[m], ddof=1)) if len(v) > 1 else 0.0,
+            "step_agreement_per_seed": agreement[m],
             "n_selected": sizes.get(m),
         }
         for m, v in per_method.items()
@@ -166,9 +187,11 @@ def run_demo(
         "seeds": config.seeds,
         "target_families": data.target_families,
         "pool": data.pool_summary,
-        "base_success_rate": data.base_success,
+        "base_success_rate": data.base_success["success_rate"],
+        "base_step_agreement": data.base_success["step_agreement"],
         "methods": methods,
         "paired_tests": paired_tests(per_method, against=("random", "full")),
+        "paired_tests_step_agreement": paired_tests(agreement, against=("random", "full")),
         "harmful_detection": harm,
         "runtime_s": timings,
         "config": asdict(config),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -11,7 +12,7 @@ import numpy as np
 
 from trajinf.checkpoints import load_model
 from trajinf.envs.policies import ExpertPolicy, NoisyExpertPolicy, PlantedHarmfulPolicy
-from trajinf.evaluate import auroc, evaluate_policy
+from trajinf.evaluate import auroc, evaluate_policy, expert_step_agreement
 from trajinf.model_policy import ModelPolicy
 from trajinf.rollout import rollout
 from trajinf.tiny import tiny_model, train_tokenizer
@@ -31,7 +32,7 @@ class DemoData:
     base_dir: Path  # the agent before selection (tokenizer included)
     warm_dir: Path  # last warmup checkpoint
     checkpoints: list[Path]  # warmup checkpoints (lr + optimizer moments)
-    base_success: float
+    base_success: dict  # evaluate_model() of the base agent
     pool_summary: dict
 
 
@@ -71,15 +72,17 @@ def summarize_pool(pool: Sequence[Trajectory]) -> dict:
 def build_demo_data(env, config, out: Path, *, progress=None, log: Log = print) -> DemoData:
     """Tasks -> target demos, pool (expert, noisy, planted, self) -> base agent -> warmup."""
     rng = random.Random(config.seed)
-    families = list(env.families)
+    families = list(getattr(env, "families", None) or env.games)
     target_families = list(config.target_families or families[: max(1, len(families) // 2)])
     n_target = config.n_target_per_family * len(target_families)
-    tasks = env.tasks("train", config.n_train_tasks + 4 * n_target, config.seed)
+    n_base = config.n_base_tasks
+    tasks = env.tasks("train", config.n_train_tasks + 4 * n_target + n_base, config.seed)
     target_tasks: list = []
     for fam in target_families:
         target_tasks += [t for t in tasks if t.family == fam][: config.n_target_per_family]
     held = {t.id for t in target_tasks}
-    pool_tasks = [t for t in tasks if t.id not in held][: config.n_train_tasks]
+    rest = [t for t in tasks if t.id not in held]
+    pool_tasks, base_tasks = rest[: config.n_train_tasks], rest[config.n_train_tasks :][:n_base]
 
     log(f"env {env.name}: {len(pool_tasks)} pool tasks, target families {target_families}")
     target = rollout(
@@ -111,32 +114,47 @@ def build_demo_data(env, config, out: Path, *, progress=None, log: Log = print) 
         )
     fam_tasks = [t for t in pool_tasks if t.family in target_families]
     n_planted = max(1, round(config.planted_fraction * len(fam_tasks)))
-    planted = rollout(
+    planted: list[Trajectory] = []
+    if hasattr(env, "next_action"):  # planting a wrong rule needs a re-planning expert
+        planted = rollout(
+            env,
+            rng.sample(fam_tasks, n_planted),
+            PlantedHarmfulPolicy(),
+            source="expert",  # disguised as expert demos: only meta["planted"] knows
+            seed=config.seed,
+            id_prefix="demo",
+            with_tools=config.with_tools,
+        )
+    else:
+        log(f"env {env.name} has no re-planning expert: no planted-harmful trajectories")
+    base_demos = rollout(
         env,
-        rng.sample(fam_tasks, n_planted),
-        PlantedHarmfulPolicy(),
-        source="expert",  # disguised as expert demos: only meta["planted"] knows
+        base_tasks,
+        ExpertPolicy(),
+        source="base",
         seed=config.seed,
-        id_prefix="demo",
         with_tools=config.with_tools,
     )
 
     tokenizer = train_tokenizer(
-        _texts(target + expert + noisy + planted), vocab_size=DEMO_MODEL["vocab_size"]
+        _texts(target + expert + noisy + planted + base_demos), vocab_size=DEMO_MODEL["vocab_size"]
     )
     model_kw = {k: v for k, v in {**DEMO_MODEL, **config.model}.items() if k != "vocab_size"}
     model = tiny_model(tokenizer, seed=config.seed, **model_kw)
 
-    seed_set = rng.sample(expert, max(2, round(config.seed_expert_fraction * len(expert))))
-    log(f"base agent: training on {len(seed_set)} expert demos")
+    seed_set = base_demos
+    log(f"base agent: training on {len(seed_set)} expert demos of tasks outside the pool")
     train_sft(
         model, tokenizer, seed_set, replace(DEMO_TRAIN, epochs=config.base_epochs, seed=config.seed)
     )
     base_dir = out / "models" / "base"
     model.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
-    base_success = evaluate_model(env, model, tokenizer, target_families, config)["success_rate"]
-    log(f"base agent success on held-out target tasks: {base_success:.3f}")
+    base_success = evaluate_model(env, model, tokenizer, target_families, config)
+    log(
+        f"base agent on held-out target tasks: success {base_success['success_rate']:.3f}, "
+        f"expert-step agreement {base_success['step_agreement']:.3f}"
+    )
 
     self_policy = ModelPolicy(model, tokenizer, mode="rank", temperature=1.0, seed=config.seed)
     selfr = rollout(
@@ -177,14 +195,15 @@ def build_demo_data(env, config, out: Path, *, progress=None, log: Log = print) 
 
 
 def finetune(data: DemoData, chosen: Sequence[Trajectory], config, *, seed: int):
-    """The base agent fine-tuned on ``chosen`` (same epochs and schedule for every method)."""
+    """The base agent fine-tuned on ``chosen``.
+
+    Every method gets about the same number of optimizer steps (``config.finetune_steps``), so a
+    small selection is seen for more epochs and the full pool for fewer: the compute budget is
+    equal, the data differs.
+    """
     model, tokenizer = load_model(data.base_dir)
-    train_sft(
-        model,
-        tokenizer,
-        list(chosen),
-        replace(DEMO_TRAIN, epochs=config.finetune_epochs, seed=seed),
-    )
+    epochs = max(1, math.ceil(config.finetune_steps * DEMO_TRAIN.batch_size / max(1, len(chosen))))
+    train_sft(model, tokenizer, list(chosen), replace(DEMO_TRAIN, epochs=epochs, seed=seed))
     return model, tokenizer
 
 
@@ -200,7 +219,17 @@ def evaluate_model(env, model, tokenizer, families: Sequence[str], config) -> di
         families=families,
         with_tools=config.with_tools,
     )
-    return res.to_dict()
+    out = res.to_dict()
+    out["step_agreement"] = expert_step_agreement(
+        env,
+        policy,
+        split="test",
+        n_tasks=config.n_test_tasks,
+        seed=config.seed,
+        families=families,
+        with_tools=config.with_tools,
+    )
+    return out
 
 
 def harmful_detection(pool: Sequence[Trajectory], scores) -> dict:

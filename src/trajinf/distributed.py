@@ -163,12 +163,32 @@ def merge_partial_stores(
                     f"{store.path}: rank {r} of {world} did not finish shard {s} of checkpoint "
                     f"{c}; rerun the job (finished shards are kept)"
                 )
-            todo.append((c, s, rows, part.shard_path(c, s)))
+            # the rank's items carry what extraction added (loss, finite)
+            r0, r1 = int(rows["row"].iloc[0]), int(rows["row"].iloc[-1]) + 1
+            got = part.items[(part.items["row"] >= r0) & (part.items["row"] < r1)]
+            if got["id"].tolist() != rows["id"].tolist():
+                raise TrajinfError(
+                    f"{part.path}: shard {s} holds other items than this pool's shard {s}; "
+                    "remove the partial store and rerun"
+                )
+            todo.append((c, s, got, part.shard_path(c, s)))
     store.adopt_shards(todo)
     ranks = Path(store.path) / RANKS_DIR
     if ranks.exists():
         shutil.rmtree(ranks)
     return len(todo)
+
+
+def clean_temp_files(store: str | Path) -> int:
+    """Remove temp files a killed writer left in ``store`` (``.NAME.*.tmp``, ``.NAME.adopt``);
+    only call it while this process is the store's only writer. Returns how many."""
+    n = 0
+    root = Path(store)
+    for d in [root, *sorted(root.glob("ckpt-*"))]:
+        for f in list(d.glob(".*.tmp")) + list(d.glob(".*.adopt")):
+            f.unlink(missing_ok=True)
+            n += 1
+    return n
 
 
 def launch(args: Sequence[str], nproc: int, *, torchrun_args: Sequence[str] = ()) -> int:
@@ -360,16 +380,22 @@ def extract_store(
     items.insert(0, "row", np.arange(len(items), dtype=np.int64))
     bounds = shard_bounds(len(tokens), shard_items)
     shard_rows = [items[(items["item"] >= a) & (items["item"] < b)] for a, b in bounds]
-    models, ckpt_info, fp = _load_checkpoints(
-        checkpoints, config, lora=lora, device=device, trust_remote_code=trust_remote_code
-    )
-    fingerprint = {**fp, "input_sha256": input_digest, "n_items": len(trajs)}
-    dim = feature_dim(models[0][0], config)
+
+    def prepare() -> tuple[list[tuple], list[dict], dict, int]:
+        models, ckpt_info, fp = _load_checkpoints(
+            checkpoints, config, lora=lora, device=device, trust_remote_code=trust_remote_code
+        )
+        fingerprint = {**fp, "input_sha256": input_digest, "n_items": len(trajs)}
+        return models, ckpt_info, fingerprint, feature_dim(models[0][0], config)
+
+    models: list[tuple] = []
 
     def run(store: FeatureStore, shards: Sequence[int], elsewhere=lambda c, s: False) -> None:
+        clean_temp_files(store.path)
+        total = sum(bounds[s][1] - bounds[s][0] for s in shards)
         for c, (model, _tok, state) in enumerate(models):
             tick = (
-                progress(f"{label} features, checkpoint {c + 1}/{len(models)}", len(tokens))
+                progress(f"{label} features, checkpoint {c + 1}/{len(models)}", total)
                 if progress
                 else None
             )
@@ -378,13 +404,15 @@ def extract_store(
             )
 
     if ctx.world == 1:
+        models, ckpt_info, fingerprint, dim = prepare()
         store = FeatureStore.create(path, fingerprint=fingerprint, dim=dim, checkpoints=ckpt_info)
         _report_damaged(store)
         run(store, range(len(bounds)))
         return store
 
     error: BaseException | None = None
-    try:
+    try:  # everything a rank can fail at, so no rank waits at the merge for a dead one
+        models, ckpt_info, fingerprint, dim = prepare()
         merged = (
             FeatureStore.open(path, expect={**fingerprint, "dim": dim, "checkpoints": ckpt_info})
             if (path / "manifest.json").exists()
@@ -397,7 +425,7 @@ def extract_store(
             checkpoints=ckpt_info,
         )
         run(part, ctx.shards(len(bounds)), merged.has_shard if merged else lambda c, s: False)
-    except Exception as e:  # tell the other ranks before they wait at the merge forever
+    except Exception as e:
         error = e
     if not ctx.all_ok(error is None):
         raise error or TrajinfError(f"{path}: another rank failed during extraction; see its log")
@@ -406,6 +434,7 @@ def extract_store(
             store = FeatureStore.create(
                 path, fingerprint=fingerprint, dim=dim, checkpoints=ckpt_info
             )
+            clean_temp_files(store.path)
             merge_partial_stores(store, ctx.world, shard_rows)
         except Exception as e:
             error = e

@@ -11,7 +11,12 @@ class TrajectoryFormatError(TrajinfError):
     """A trajectory file is malformed; the message names file, line and field."""
 
     def __init__(
-        self, message: str, *, path: str | None = None, line: int | None = None, field: str | None = None
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        line: int | None = None,
+        field: str | None = None,
     ) -> None:
         self.path, self.line, self.field = path, line, field
         where = ""

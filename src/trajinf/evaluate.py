@@ -70,9 +70,7 @@ def auroc(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndar
     return float(u / (n_pos * n_neg))
 
 
-def summarize_episodes(
-    trajectories: Sequence, *, seed: int = 0, split: str = "test"
-) -> EvalResult:
+def summarize_episodes(trajectories: Sequence, *, seed: int = 0, split: str = "test") -> EvalResult:
     """EvalResult from finished rollouts (``Trajectory`` with ``success`` and ``meta['family']``)."""
     n = len(trajectories)
     wins = sum(bool(t.success) for t in trajectories)
@@ -120,7 +118,58 @@ def evaluate_policy(
         wanted = set(families)
         tasks = [t for t in tasks if t.family in wanted]
         if not tasks:
-            raise TrajinfError(f"evaluate_policy field 'families': no {split} task in {sorted(wanted)}")
+            raise TrajinfError(
+                f"evaluate_policy field 'families': no {split} task in {sorted(wanted)}"
+            )
     rollout_kwargs.setdefault("source", "eval")
     trajectories = rollout(env, tasks, policy, seed=seed, **rollout_kwargs)
     return summarize_episodes(trajectories, seed=seed, split=split)
+
+
+class ExpertAgreementPolicy:
+    """Acts as the expert, and records whether ``policy`` would have chosen the expert's action.
+
+    Success needs every step of an episode right, so a weak agent scores 0 whatever it learned;
+    agreement with the expert in the expert's own states is the dense per-step counterpart.
+    """
+
+    def __init__(self, policy) -> None:
+        self.policy = policy
+        self.hits = 0
+        self.total = 0
+
+    def act(self, episodes: list) -> list[str]:
+        """The expert's action per episode; counts the wrapped policy's agreement with it."""
+        from trajinf.envs.base import normalize_action
+        from trajinf.envs.policies import expert_action
+
+        choices = self.policy.act(episodes)
+        out = []
+        for ep, choice in zip(episodes, choices, strict=True):
+            expert = expert_action(ep)
+            self.total += 1
+            self.hits += int(normalize_action(choice) == normalize_action(expert))
+            out.append(expert)
+        return out
+
+
+def expert_step_agreement(
+    env,
+    policy,
+    *,
+    split: str = "test",
+    n_tasks: int = 100,
+    seed: int = 0,
+    families: Sequence[str] | None = None,
+    **rollout_kwargs,
+) -> float:
+    """Fraction of expert states in which ``policy`` picks the expert's action (teacher-forced)."""
+    from trajinf.rollout import rollout
+
+    tasks = env.tasks(split, n_tasks, seed)
+    if families is not None:
+        tasks = [t for t in tasks if t.family in set(families)]
+    probe = ExpertAgreementPolicy(policy)
+    rollout_kwargs.setdefault("source", "eval")
+    rollout(env, tasks, probe, seed=seed, **rollout_kwargs)
+    return probe.hits / max(1, probe.total)

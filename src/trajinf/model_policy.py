@@ -52,7 +52,11 @@ def parse_reply(text: str) -> dict:
         if call is not None:
             calls.append(_tool_call(k, *call))
     if calls:
-        return {"role": "assistant", "content": _TOOL_CALL_RE.sub("", text).strip(), "tool_calls": calls}
+        return {
+            "role": "assistant",
+            "content": _TOOL_CALL_RE.sub("", text).strip(),
+            "tool_calls": calls,
+        }
     call = _json_call(text.strip())
     if call is not None:
         return {"role": "assistant", "content": "", "tool_calls": [_tool_call(0, *call)]}
@@ -72,7 +76,11 @@ def _json_call(body: str) -> tuple[str, Any] | None:
 
 def _tool_call(k: int, name: str, args: Any) -> dict:
     arguments = args if isinstance(args, str) else json.dumps(args)
-    return {"id": f"call_{k}", "type": "function", "function": {"name": name, "arguments": arguments}}
+    return {
+        "id": f"call_{k}",
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    }
 
 
 class ModelPolicy:
@@ -86,6 +94,8 @@ class ModelPolicy:
     back with ``env.message_to_action``. ``share_prefix`` (default) runs each episode's history once
     and scores its candidates from the KV cache; otherwise all (episode, candidate) sequences of one
     ``act`` call are scored in right-padded batches of at most ``batch_size`` sequences.
+    ``batch_size`` also bounds the episodes whose histories run together. The model is put in eval
+    mode.
     """
 
     def __init__(
@@ -102,12 +112,15 @@ class ModelPolicy:
         share_prefix: bool = True,
     ) -> None:
         if mode not in ("rank", "generate"):
-            raise TrajinfError(f"ModelPolicy field 'mode': expected 'rank' or 'generate', got {mode!r}")
+            raise TrajinfError(
+                f"ModelPolicy field 'mode': expected 'rank' or 'generate', got {mode!r}"
+            )
         if temperature < 0:
             raise TrajinfError(f"ModelPolicy field 'temperature': must be >= 0, got {temperature}")
         self.model, self.tokenizer = model, tokenizer
         self.mode, self.history_window = mode, history_window
-        self.max_new_tokens, self.temperature, self.batch_size = max_new_tokens, temperature, batch_size
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.batch_size = batch_size
         # the KV-cache path needs a model that computes logits only at kept positions
         self.share_prefix = share_prefix and supports_logits_to_keep(model)
         # transformers 5 renamed the KV-cache argument and output from past_key_values to cache
@@ -127,9 +140,7 @@ class ModelPolicy:
     def act(self, episodes: Sequence) -> list[str]:
         """One action per episode (``EpisodeState``: env, messages, tools, valid_actions, ...)."""
         actions: list[str | None] = [None] * len(episodes)
-        ranked = [
-            i for i, ep in enumerate(episodes) if self.mode == "rank" and ep.valid_actions
-        ]
+        ranked = [i for i, ep in enumerate(episodes) if self.mode == "rank" and ep.valid_actions]
         if ranked:
             scores = self.score_actions([episodes[i] for i in ranked])
             for i, s in zip(ranked, scores, strict=True):
@@ -222,13 +233,18 @@ class ModelPolicy:
         p_ids, p_attn = p_ids.to(dev), p_attn.to(dev)
         lens = p_attn.sum(dim=1)
         pre = self.model(
-            input_ids=p_ids, attention_mask=p_attn, use_cache=True, logits_to_keep=(lens - 1)[:, None]
+            input_ids=p_ids,
+            attention_mask=p_attn,
+            use_cache=True,
+            logits_to_keep=(lens - 1)[:, None],
         )
         first = torch.log_softmax(pre.logits[:, 0].float(), dim=-1)  # [E, V]: suffix token 0
         owner = torch.tensor([g for g, grp in enumerate(groups) for _ in grp[2]], device=dev)
         cache = pre[self._cache_kw]
         cache.batch_select_indices(owner)  # one copy of its episode's history per candidate
-        ids, attn, score_mask = _right_pad([(c[1], c[2]) for grp in groups for c in grp[2]], self.pad_id)
+        ids, attn, score_mask = _right_pad(
+            [(c[1], c[2]) for grp in groups for c in grp[2]], self.pad_id
+        )
         ids, attn, score_mask = ids.to(dev), attn.to(dev), score_mask.to(dev)
         totals = torch.where(score_mask[:, 0], first[owner, ids[:, 0]], 0.0).double()
         keep = torch.zeros_like(score_mask)

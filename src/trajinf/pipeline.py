@@ -366,7 +366,8 @@ def _score_appended(
     t0 = time.perf_counter()
     n_old = int(store.manifest["n_items"])
     items = items_table(new, new_tok, _subtask_of(new, config.subtask_field))
-    items["item"] += n_old
+    if new:
+        items["item"] += n_old
     tick = progress("pool features (appended)", len(new)) if progress and new else None
     for a, b in shard_bounds(len(new), config.shard_items):
         blocks, loss, finite = [], {}, {}
@@ -397,6 +398,9 @@ def _score_appended(
             f"{store.path}: ids {missing[:3]} were appended by an interrupted run but are not in "
             "this pool; pass the same pool again"
         )
+    if not todo_ids:  # nothing new: the tables stay as they are
+        steps = pd.read_parquet(out / "step_scores.parquet")
+        return ScoreOutputs(out, old_scores, steps, job["harmful"], timings)
     target_store = FeatureStore.open(out / "store" / "target")
     dirs = directions_from_stores(_view(store, ~fresh.to_numpy()), target_store, config.scoring)
     new_view = _view(store, fresh.to_numpy())

@@ -210,14 +210,15 @@ def harmful_roc(scores: pd.DataFrame, planted: Sequence[bool]):
 def _results_table(results: dict) -> str:
     rows = [
         "<table><tr><th>method</th><th>selected</th><th>success mean</th><th>std</th>"
-        "<th>per seed</th></tr>"
+        "<th>per seed</th><th>expert-step agreement</th></tr>"
     ]
     for name, r in results["methods"].items():
         seeds = " ".join(f"{x:.2f}" for x in r["per_seed"])
         rows.append(
             f"<tr><td>{html.escape(name)}</td><td>{r.get('n_selected')}</td>"
             f"<td>{r['success_rate_mean']:.3f}</td><td>{r['success_rate_std']:.3f}</td>"
-            f"<td>{seeds}</td></tr>"
+            f"<td>{seeds}</td><td>{r.get('step_agreement_mean', float('nan')):.3f} ± "
+            f"{r.get('step_agreement_std', float('nan')):.3f}</td></tr>"
         )
     rows.append("</table>")
     return "".join(rows)

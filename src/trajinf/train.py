@@ -78,10 +78,16 @@ class TrainResult:
     skipped: list[str] = field(default_factory=list)  # ids with no action token to learn from
 
 
-# Demo settings measured on the built-in env (2 CPU cores); see the module's README section in
-# docs and H5's report. ``DEMO_MODEL`` holds ``train_tokenizer`` / ``tiny_model`` arguments.
+# Demo settings, measured on the built-in ToolWorld (expert rollouts with_tools=False, ~290
+# tokens each; tokenizer trained on the pool's texts, BPE saturates at ~700 tokens; rank-mode
+# policy on 100 held-out test tasks; torch 1 thread on a shared 2-core machine):
+#   200 trajectories, 10 epochs (250 steps): ~45-100 s training, success 0.21-0.25
+#   400 trajectories, 10 epochs (500 steps): ~200 s, success 0.23;  30 trajectories: 0.00
+# Wider (hidden 128: 0.25) or deeper (3 layers: 0.06) models and a constant lr (0.22) did not
+# help: tiny models from scratch learn to copy item names from observations slowly.
+# ``DEMO_MODEL`` holds ``train_tokenizer(vocab_size=...)`` and ``tiny_model`` arguments.
 DEMO_MODEL: dict = {"arch": "llama", "vocab_size": 1024, "hidden": 64, "layers": 2, "heads": 4}
-DEMO_TRAIN = TrainConfig(epochs=3, lr=3e-3, batch_size=16, warmup_ratio=0.1, scheduler="cosine")
+DEMO_TRAIN = TrainConfig(epochs=10, lr=1e-2, batch_size=8, warmup_ratio=0.1, scheduler="cosine")
 
 
 @dataclass
@@ -94,7 +100,9 @@ class SFTBatch:
 
     def to(self, device: torch.device | str) -> SFTBatch:
         """The same batch on ``device``."""
-        return SFTBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.loss_weights)))
+        return SFTBatch(
+            *(t.to(device) for t in (self.input_ids, self.attention_mask, self.loss_weights))
+        )
 
 
 def token_loss_weights(item: TokenizedTrajectory, *, action_only: bool = True) -> np.ndarray:
@@ -169,7 +177,9 @@ def token_logprobs(
         return out
     targets = input_ids[score_mask]
     if supports_logits_to_keep(model):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep
+        ).logits
         logits = logits.reshape(-1, logits.shape[-1])
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[keep]
@@ -257,7 +267,6 @@ def lora_target_modules(model: torch.nn.Module) -> list[str]:
 def add_lora(model: torch.nn.Module, rank: int, alpha: float) -> torch.nn.Module:
     """Wrap ``model`` with fresh LoRA adapters (peft) on its projections; no-op for peft models."""
     from peft import LoraConfig, PeftModel, get_peft_model
-
     from transformers.pytorch_utils import Conv1D
 
     if isinstance(model, PeftModel):
@@ -270,7 +279,9 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float) -> torch.nn.Module
         target_modules=targets,
         # gpt2's Conv1D stores weights transposed
         fan_in_fan_out=any(
-            isinstance(m, Conv1D) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets
+            isinstance(m, Conv1D)
+            for n, m in model.named_modules()
+            if n.rsplit(".", 1)[-1] in targets
         ),
         task_type="CAUSAL_LM",
     )
@@ -291,7 +302,9 @@ def _seeded_deterministic(seed: int) -> Iterator[None]:
             torch.use_deterministic_algorithms(was_det, warn_only=was_warn)
 
 
-def _as_tokenized(trajectories: Sequence, tokenizer, config: TrainConfig) -> list[TokenizedTrajectory]:
+def _as_tokenized(
+    trajectories: Sequence, tokenizer, config: TrainConfig
+) -> list[TokenizedTrajectory]:
     if all(isinstance(t, TokenizedTrajectory) for t in trajectories):
         return list(trajectories)
     from trajinf.tokenize import tokenize_pool
@@ -309,7 +322,9 @@ def checkpoint_steps(total_steps: int, n_checkpoints: int) -> list[int]:
     """
     if n_checkpoints <= 0 or total_steps <= 0:
         return []
-    return sorted({max(1, round(total_steps * (i + 1) / n_checkpoints)) for i in range(n_checkpoints)})
+    return sorted(
+        {max(1, round(total_steps * (i + 1) / n_checkpoints)) for i in range(n_checkpoints)}
+    )
 
 
 def train_sft(
@@ -340,14 +355,20 @@ def train_sft(
     items = _as_tokenized(trajectories, tokenizer, config)
     kept, skipped = [], []
     for it in items:
-        (kept if token_loss_weights(it, action_only=config.action_only).any() else skipped).append(it)
+        (kept if token_loss_weights(it, action_only=config.action_only).any() else skipped).append(
+            it
+        )
     if skipped:
         warnings.warn(
             f"train_sft: skipping {len(skipped)} trajectories with no weighted action token "
             f"(first: {skipped[0].id})",
             stacklevel=2,
         )
-    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    pad_id = (
+        tokenizer.pad_token_id
+        if tokenizer is not None and tokenizer.pad_token_id is not None
+        else 0
+    )
     device = next(model.parameters()).device
     lengths = [len(it.input_ids) for it in kept]
 
@@ -356,7 +377,11 @@ def train_sft(
             model = add_lora(model, config.lora_rank, config.lora_alpha)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
-            params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
+            params,
+            lr=config.lr,
+            betas=config.betas,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
         )
         plan = [
             length_bucketed_batches(
@@ -390,7 +415,9 @@ def train_sft(
                 action_tokens += int((batch.loss_weights != 0).sum())
                 if config.log_every and step % config.log_every == 0:
                     recent = losses[-config.log_every :]
-                    log.info("step %d/%d loss %.4f lr %.2e", step, total, sum(recent) / len(recent), lr)
+                    log.info(
+                        "step %d/%d loss %.4f lr %.2e", step, total, sum(recent) / len(recent), lr
+                    )
                 if progress is not None:
                     progress(1)
                 if step in save_at:

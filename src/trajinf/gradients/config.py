@@ -11,6 +11,7 @@ from trajinf.errors import TrajinfError
 MODES = ("factorized", "less")
 PRECONDITIONERS = {"factorized": ("none", "factored_adam"), "less": ("none", "adam")}
 NORMALIZATIONS = ("mean", "sum")
+STEP_SPLITS = ("position", "loss")
 
 
 @dataclass
@@ -28,6 +29,12 @@ class ExtractionConfig:
     loss_normalization: "mean" weights each action token by 1/n_action_tokens(item); "sum" by 1.
     batch_tokens: padded-token budget per batch (items are length-bucketed).
     update_mask_threshold: threshold the caller used for `sparse_update_mask` (recorded only).
+    step_split: what a step's feature is (factorized mode). "position": the gradient of the
+        whole item's loss flowing through the step's token positions (one backward per batch).
+        "loss": the gradient of the step's own loss (its action tokens, with the item's
+        normalization) through all positions - what a per-step loss weight acts on (one
+        backward per step slot). Both sum to the same trajectory feature. LESS mode always
+        computes "loss"; `to_dict` records the split actually computed.
     """
 
     mode: str = "factorized"
@@ -38,6 +45,7 @@ class ExtractionConfig:
     loss_normalization: str = "mean"
     batch_tokens: int = 8192
     update_mask_threshold: float | None = None
+    step_split: str = "position"
 
     def validate(self) -> None:
         """Raise TrajinfError naming the offending field."""
@@ -54,6 +62,10 @@ class ExtractionConfig:
                 f"ExtractionConfig field 'loss_normalization': {self.loss_normalization!r} "
                 f"not in {NORMALIZATIONS}"
             )
+        if self.step_split not in STEP_SPLITS:
+            raise TrajinfError(
+                f"ExtractionConfig field 'step_split': {self.step_split!r} not in {STEP_SPLITS}"
+            )
         if self.proj_dim < 1:
             raise TrajinfError(
                 f"ExtractionConfig field 'proj_dim': must be >= 1, got {self.proj_dim}"
@@ -64,8 +76,13 @@ class ExtractionConfig:
             )
 
     def to_dict(self) -> dict:
-        """JSON-ready dict (goes into the store manifest)."""
-        return asdict(self)
+        """JSON-ready dict (goes into the store manifest), with the step split actually computed."""
+        return {**asdict(self), "step_split": self.effective_step_split}
+
+    @property
+    def effective_step_split(self) -> str:
+        """The split actually computed: "loss" in LESS mode, else `step_split`."""
+        return "loss" if self.mode == "less" else self.step_split
 
 
 @dataclass
