@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from trajinf.api import build_job_config, select_to_file
 from trajinf.demo_loop import _texts
@@ -128,3 +129,22 @@ def test_report_is_written(scored, tmp_path):
     path = write_score_report(d / "scores", d / "pool.jsonl", tmp_path / "r.html", top=3)
     text = Path(path).read_text()
     assert text.count("<img") >= 3 and "Top 3" in text
+
+
+def test_sparse_update_mask_tracks_fewer_parameters(scored, tmp_path):
+    d, _, _, ckpts, cfg = scored
+    from trajinf.checkpoints import load_model
+
+    a, b = (dict(load_model(c)[0].named_parameters()) for c in ckpts[:2])
+    moved = torch.cat([(a[k] - b[k]).abs().flatten() for k in a if k.endswith("proj.weight")])
+    threshold = float(moved.median())  # about half the tracked weights pass
+    masked = replace(cfg, update_mask_from=(ckpts[0], ckpts[1]))
+    masked.extraction = replace(cfg.extraction, update_mask_threshold=threshold)
+    out = score_pool(ckpts[-1], d / "pool.jsonl", d / "target.jsonl", tmp_path / "m",
+                     checkpoints=ckpts, config=masked)  # fmt: skip
+    full = pd.read_parquet(d / "scores" / "scores.parquet").set_index("id")["score"]
+    got = out.trajectories.set_index("id")["score"]
+    assert np.isfinite(got).all()
+    assert not np.allclose(got.loc[full.index], full)  # the mask changes what is tracked
+    manifest = (tmp_path / "m" / "store" / "pool" / "manifest.json").read_text()
+    assert repr(threshold) in manifest or str(threshold) in manifest

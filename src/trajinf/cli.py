@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from contextlib import contextmanager
 from enum import StrEnum
@@ -90,6 +89,15 @@ def score(
     subtask_field: str = typer.Option("task_id", help="Field naming a target's subtask."),
     max_length: int = typer.Option(2048, help="Max tokens; longer trajectories lose early steps."),
     seed: int = typer.Option(0, help="Projection and null seed."),
+    trust_remote_code: bool = typer.Option(
+        False, help="Allow model code from the model directory (off: no code runs from data)."
+    ),
+    update_mask_from: list[Path] = typer.Option(
+        [],
+        help="Two checkpoint dirs (repeat the flag): track only parameters that moved between "
+        "them by more than --update-mask-threshold (where fine-tuning/RL updates land).",
+    ),
+    update_mask_threshold: float = typer.Option(1e-5, help="Sparse update mask threshold."),
 ) -> None:
     """Score every pool trajectory and step against the target.
 
@@ -114,6 +122,12 @@ def score(
         max_length=max_length,
         seed=seed,
     )
+    cfg.trust_remote_code = trust_remote_code
+    if update_mask_from:
+        if len(update_mask_from) != 2:
+            raise TrajinfError("--update-mask-from needs exactly two checkpoint dirs")
+        cfg.update_mask_from = (str(update_mask_from[0]), str(update_mask_from[1]))
+        cfg.extraction.update_mask_threshold = update_mask_threshold
     with progress_bars() as bars:
         res = score_pool(
             model, pool, target, out, checkpoints=checkpoint, config=cfg, progress=bars
@@ -175,7 +189,10 @@ def main() -> None:
     """Console entry point: user errors print one line and exit 2 (traceback with --debug)."""
     from transformers.utils import logging as hf_logging
 
-    from trajinf import cli_env  # noqa: F401  (registers rollout/train/eval/demo verbs)
+    from trajinf import (
+        cli_env,  # noqa: F401  (registers rollout/train/eval/demo verbs)
+        cli_extract,  # noqa: F401  (registers the extract verb)
+    )
 
     hf_logging.disable_progress_bar()  # our own bars only: HF's per-save bars drown them
 
@@ -184,14 +201,10 @@ def main() -> None:
     except TrajinfError as e:
         if _STATE["debug"]:
             raise
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {e}", soft_wrap=True)
         sys.exit(2)
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
         if _STATE["debug"]:
             raise
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {e}", soft_wrap=True)
         sys.exit(2)
-
-
-def _print_json(obj) -> None:
-    typer.echo(json.dumps(obj, indent=2, default=str))

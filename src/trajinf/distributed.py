@@ -25,8 +25,9 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -257,6 +258,8 @@ def _extract_into(
     shards: Sequence[int],
     progress: Callable[[int], None] | None,
     done_elsewhere: Callable[[int, int], bool] = lambda c, s: False,
+    *,
+    update_mask: dict | None = None,
 ) -> int:
     """Extract features of ``shards`` not yet in ``store``; returns the number of items done.
 
@@ -271,12 +274,14 @@ def _extract_into(
                 progress(stop - start)
             continue
         by_item = {}
-        for f in extract_features(model, tokens[start:stop], config, checkpoint_state=state):
+        for f in extract_features(
+            model, tokens[start:stop], config, checkpoint_state=state, update_mask=update_mask
+        ):
             by_item[start + f.index] = f
             done += 1
             if progress:
                 progress(1)
-        order = [by_item[i] for i in range(start, stop)]
+        order = [_storable(by_item[i]) for i in range(start, stop)]
         feats = [r for f in order for r in (f.trajectory[None, :], f.steps)]
         meta = [{"item": start + f.index, "loss": f.loss, "finite": f.finite} for f in order]
         rows = shard_rows[shard].copy()
@@ -290,6 +295,31 @@ def _extract_into(
         rows["finite"] = rows["item"].map(info["finite"]).astype(bool)
         store.write_shard(ckpt, shard, rows, block)
     return done
+
+
+_FP16_MAX = float(np.finfo(np.float16).max)
+
+
+def _storable(f):
+    """``f`` itself, or ``f`` zeroed and marked non-finite when the fp16 store cannot hold it.
+
+    Features beyond float16's range (a diverged item) would be stored as inf; such an item is
+    reported in ``job.json["nonfinite"]`` and never scored, like an item with a non-finite loss.
+    """
+    if not f.finite:
+        return f
+    peak = max(
+        float(np.abs(f.trajectory).max(initial=0.0)), float(np.abs(f.steps).max(initial=0.0))
+    )
+    if np.isfinite(peak) and peak <= _FP16_MAX:
+        return f
+    warnings.warn(
+        f"item {f.id}: features overflow float16 (max |x| = {peak:.3g}); skipped as non-finite",
+        stacklevel=2,
+    )
+    return replace(
+        f, trajectory=np.zeros_like(f.trajectory), steps=np.zeros_like(f.steps), finite=False
+    )
 
 
 def _pool_digest(source, trajs: Sequence[Trajectory]) -> str:
@@ -363,6 +393,7 @@ def extract_store(
     rank: RankContext | None = None,
     device: str = "cpu",
     trust_remote_code: bool = False,
+    update_mask: dict | None = None,
 ) -> FeatureStore:
     """Extract (or resume extracting) features of ``trajs`` at every checkpoint into a store.
 
@@ -400,7 +431,18 @@ def extract_store(
                 else None
             )
             _extract_into(
-                store, c, model, tokens, shard_rows, bounds, config, state, shards, tick, elsewhere
+                store,
+                c,
+                model,
+                tokens,
+                shard_rows,
+                bounds,
+                config,
+                state,
+                shards,
+                tick,
+                elsewhere,
+                update_mask=update_mask,
             )
 
     if ctx.world == 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,6 +46,8 @@ from trajinf.store import FeatureStore, _atomic_write
 from trajinf.tokenize import TokenizedTrajectory, tokenize_pool
 from trajinf.trajectories import Trajectory, field_value, load_pool
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class ScoreJobConfig:
@@ -62,6 +65,9 @@ class ScoreJobConfig:
     seed: int = 0
     device: str = "auto"  # "auto" (cuda if visible, else cpu) | "cpu" | "cuda" | "cuda:1" ...
     trust_remote_code: bool = False  # only with an explicit --trust-remote-code
+    # Track only parameters that moved by more than extraction.update_mask_threshold between
+    # these two checkpoints (where RL / fine-tuning updates land); None tracks everything.
+    update_mask_from: tuple[str, str] | None = None
 
     def to_dict(self) -> dict:
         """A JSON-able dict of the whole config."""
@@ -148,6 +154,7 @@ def extract_job(
     timings["load_tokenize_s"] = time.perf_counter() - t0
     device = ctx.device() if ctx.backend == "nccl" else resolve_device(config.device)
     common = dict(
+        update_mask=_update_mask(config),
         lora=config.lora,
         shard_items=config.shard_items,
         progress=progress,
@@ -176,6 +183,22 @@ def extract_job(
         )
         timings[f"extract_{name}_s"] = time.perf_counter() - t0
     return ExtractedJob(stores, pool_trajs, target_trajs, pool_tok, target_tok, ckpts, timings)
+
+
+def _update_mask(config: ScoreJobConfig) -> dict | None:
+    """The sparse update mask of ``config.update_mask_from`` (None when not asked for)."""
+    if config.update_mask_from is None:
+        return None
+    from trajinf.checkpoints import load_model
+    from trajinf.gradients import mask_density, sparse_update_mask
+
+    a, b = config.update_mask_from
+    threshold = config.extraction.update_mask_threshold
+    if threshold is None:
+        threshold = config.extraction.update_mask_threshold = 1e-5
+    mask = sparse_update_mask(load_model(a)[0], load_model(b)[0], threshold=threshold)
+    log.info("update mask from %s -> %s: density %.4f", a, b, mask_density(mask))
+    return mask
 
 
 def _target_config(config: ScoreJobConfig) -> ExtractionConfig:
