@@ -75,6 +75,12 @@ def score(
     mode: Mode = typer.Option(Mode.factorized, help="factorized (fast) or less (reference)."),
     proj_dim: int = typer.Option(8192, help="Total projected feature dimension."),
     lora: bool = typer.Option(False, help="Wrap a plain model in a fresh LoRA and track only it."),
+    step_split: str = typer.Option(
+        "position",
+        help="Per-step features (factorized mode): position (gradient through the step's "
+        "positions; one backward) or loss (each step's own loss: what a step weight acts on; "
+        "one backward per step, ~4x).",
+    ),
     preconditioner: str = typer.Option(
         "auto",
         help="auto|none|adam|factored_adam (auto: adam in less mode, factored_adam in "
@@ -112,6 +118,7 @@ def score(
         mode=mode.value,
         proj_dim=proj_dim,
         lora=lora,
+        step_split=step_split,
         preconditioner=preconditioner,
         has_checkpoints=bool(checkpoint),
         metric=metric,

@@ -11,9 +11,16 @@ alone, so dL_s/dh_p is dL/dh_p where position p predicts a token of step s and 0
 backward through the head gives dL/dh for all steps; each step then backpropagates the masked
 dL/dh from h instead of from the logits, skipping S - 1 head backwards ([B, T, V] each).
 
-Measured on CPU (benchmarks/extract_speed.py) this beat (a) replicating each item once per
-step, truncated after the step (causality), and (b) `is_grads_batched`, whose legacy vmap
-cannot run the hooks' projections.
+Cost: forward + head backward + S body backwards (position split: one of each), about 4x the
+position split and 3.7x a training step on CPU for 8 steps of 512 tokens (extract_speed.py,
+~10M Llama, 1 thread). Alternatives measured in the same run: replicating each item once per
+step, truncated after the step's last action token (causality), was 5.4x the position split
+(summed prefix lengths are 4.2x the tokens, each with its own forward and head); the same
+loop backpropagating from the loss instead of the head input was 5.0x. `is_grads_batched`
+cannot be used: its vmap cannot write the hooks' projections out of the batched backward.
+
+An action token outside every step (not produced by tokenize) counts towards the step that
+owns the position predicting it (the previous step), as in the position split.
 """
 
 from __future__ import annotations
