@@ -32,15 +32,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 VOCAB = 50
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and busy shared CPUs make them much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tokenizer() -> PreTrainedTokenizerFast:
     vocab = {"<pad>": 0, "<unk>": 1} | {f"w{i}": i + 2 for i in range(VOCAB - 2)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

@@ -59,15 +59,6 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
     }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and a busy CI box is not oversubscribed)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, one_thread):
     d = tiny_job(tmp_path_factory.mktemp("dist"))

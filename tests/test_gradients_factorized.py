@@ -34,15 +34,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 VOCAB = 100
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and busy shared CPUs make them much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(arch: str) -> torch.nn.Module:
     """fp32 tiny model; init std 0.2 so gradients are far from zero."""
     torch.manual_seed(0)

@@ -34,15 +34,6 @@ VOCAB = 100
 LOSS = dict(step_split="loss")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and busy shared CPUs make them much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(arch: str) -> torch.nn.Module:
     """fp32 tiny Llama / GPT-2 (Conv1D) / LoRA-wrapped Llama; init std 0.2."""
     torch.manual_seed(0)

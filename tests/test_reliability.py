@@ -39,15 +39,6 @@ KILLS = 4  # SIGKILLs per kill test
 FP32_ROW_RTOL = 1e-5  # docs/operations.md: features across batch sizes, relative L2 per row
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and a busy CI box is not oversubscribed)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def config(**kw):
     cfg = build_job_config(proj_dim=64, **kw)
     cfg.shard_items = 1

@@ -85,56 +85,34 @@ def build_demo_data(env, config, out: Path, *, progress=None, log: Log = print) 
     pool_tasks, base_tasks = rest[: config.n_train_tasks], rest[config.n_train_tasks :][:n_base]
 
     log(f"env {env.name}: {len(pool_tasks)} pool tasks, target families {target_families}")
-    target = rollout(
-        env,
-        target_tasks,
-        ExpertPolicy(),
-        source="target",
-        seed=config.seed,
-        with_tools=config.with_tools,
-    )
-    expert = rollout(
-        env,
-        pool_tasks,
-        ExpertPolicy(),
-        source="expert",
-        seed=config.seed,
-        with_tools=config.with_tools,
-    )
+
+    def roll(tasks_, policy, source, *, seed=config.seed, **kw):
+        return rollout(
+            env, tasks_, policy, source=source, seed=seed, with_tools=config.with_tools, **kw
+        )
+
+    target = roll(target_tasks, ExpertPolicy(), "target")
+    expert = roll(pool_tasks, ExpertPolicy(), "expert")
     noisy: list[Trajectory] = []
     for k, level in enumerate(config.noisy_levels):
-        noisy += rollout(
-            env,
+        noisy += roll(
             pool_tasks,
             NoisyExpertPolicy(level),
-            source="noisy",
+            "noisy",
             seed=config.seed + 1 + k,
             id_prefix=f"noisy{level:g}",
-            with_tools=config.with_tools,
         )
     fam_tasks = [t for t in pool_tasks if t.family in target_families]
     n_planted = max(1, round(config.planted_fraction * len(fam_tasks)))
     planted: list[Trajectory] = []
     if hasattr(env, "next_action"):  # planting a wrong rule needs a re-planning expert
-        planted = rollout(
-            env,
-            rng.sample(fam_tasks, n_planted),
-            PlantedHarmfulPolicy(),
-            source="expert",  # disguised as expert demos: only meta["planted"] knows
-            seed=config.seed,
-            id_prefix="demo",
-            with_tools=config.with_tools,
+        # disguised as expert demos: only meta["planted"] knows
+        planted = roll(
+            rng.sample(fam_tasks, n_planted), PlantedHarmfulPolicy(), "expert", id_prefix="demo"
         )
     else:
         log(f"env {env.name} has no re-planning expert: no planted-harmful trajectories")
-    base_demos = rollout(
-        env,
-        base_tasks,
-        ExpertPolicy(),
-        source="base",
-        seed=config.seed,
-        with_tools=config.with_tools,
-    )
+    base_demos = roll(base_tasks, ExpertPolicy(), "base")
 
     tokenizer = train_tokenizer(
         _texts(target + expert + noisy + planted + base_demos), vocab_size=DEMO_MODEL["vocab_size"]
@@ -157,15 +135,7 @@ def build_demo_data(env, config, out: Path, *, progress=None, log: Log = print) 
     )
 
     self_policy = ModelPolicy(model, tokenizer, mode="rank", temperature=1.0, seed=config.seed)
-    selfr = rollout(
-        env,
-        pool_tasks,
-        self_policy,
-        source="self",
-        n_per_task=config.self_per_task,
-        seed=config.seed,
-        with_tools=config.with_tools,
-    )
+    selfr = roll(pool_tasks, self_policy, "self", n_per_task=config.self_per_task)
     pool = expert + noisy + planted + selfr
 
     warm_set = rng.sample(pool, max(2, round(config.warmup_fraction * len(pool))))

@@ -96,6 +96,18 @@ def summarize_episodes(trajectories: Sequence, *, seed: int = 0, split: str = "t
     )
 
 
+def eval_tasks(env, split: str, n_tasks: int, seed: int, families: Sequence[str] | None) -> list:
+    """``n_tasks`` tasks of ``split`` drawn with ``seed``, then only those of ``families``."""
+    tasks = env.tasks(split, n_tasks, seed)
+    if families is None:
+        return tasks
+    wanted = set(families)
+    tasks = [t for t in tasks if t.family in wanted]
+    if not tasks:
+        raise TrajinfError(f"evaluation field 'families': no {split} task in {sorted(wanted)}")
+    return tasks
+
+
 def evaluate_policy(
     env,
     policy,
@@ -113,14 +125,7 @@ def evaluate_policy(
     """
     from trajinf.rollout import rollout
 
-    tasks = env.tasks(split, n_tasks, seed)
-    if families is not None:
-        wanted = set(families)
-        tasks = [t for t in tasks if t.family in wanted]
-        if not tasks:
-            raise TrajinfError(
-                f"evaluate_policy field 'families': no {split} task in {sorted(wanted)}"
-            )
+    tasks = eval_tasks(env, split, n_tasks, seed, families)
     rollout_kwargs.setdefault("source", "eval")
     trajectories = rollout(env, tasks, policy, seed=seed, **rollout_kwargs)
     return summarize_episodes(trajectories, seed=seed, split=split)
@@ -166,9 +171,7 @@ def expert_step_agreement(
     """Fraction of expert states in which ``policy`` picks the expert's action (teacher-forced)."""
     from trajinf.rollout import rollout
 
-    tasks = env.tasks(split, n_tasks, seed)
-    if families is not None:
-        tasks = [t for t in tasks if t.family in set(families)]
+    tasks = eval_tasks(env, split, n_tasks, seed, families)
     probe = ExpertAgreementPolicy(policy)
     rollout_kwargs.setdefault("source", "eval")
     rollout(env, tasks, probe, seed=seed, **rollout_kwargs)
