@@ -60,7 +60,7 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory, one_thread):
+def job(tmp_path_factory):
     d = tiny_job(tmp_path_factory.mktemp("dist"))
     extract_job(d / "model", d / "pool.jsonl", d / "single", target=d / "target.jsonl",
                 config=job_config())  # fmt: skip

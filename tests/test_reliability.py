@@ -48,7 +48,7 @@ def config(**kw):
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory, one_thread):
+def job(tmp_path_factory):
     """pool (20), target (3), a tiny model, and an uninterrupted reference extraction + scoring."""
     d = tmp_path_factory.mktemp("rel")
     env = make_env("builtin")

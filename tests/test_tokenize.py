@@ -274,3 +274,60 @@ def _check_step_layout(tt, expected_steps):
     for k in expected_steps:
         idx = np.flatnonzero(ids == k)
         assert len(idx) > 0 and idx[-1] - idx[0] + 1 == len(idx)
+
+
+def _varied_long(n_steps: int):
+    """A system + goal head and ``n_steps`` steps of uneven length (tool calls, weights)."""
+    rng = np.random.default_rng(0)
+    msgs = [{"role": "system", "content": "You are an agent."}, {"role": "user", "content": "go"}]
+    for k in range(n_steps):
+        words = " ".join(["open the door"] * int(rng.integers(1, 6)))
+        if k % 3 == 0:
+            call = {"id": f"c{k}", "type": "function",
+                    "function": {"name": "act", "arguments": json.dumps({"x": words})}}  # fmt: skip
+            msgs += [
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": f"c{k}", "content": f"ok {k}"},
+            ]
+        else:
+            msgs += [
+                {"role": "assistant", "content": f"step {k}: {words}", "weight": 0.5 + k % 2},
+                {"role": "user", "content": "next"},
+            ]
+    return trajectory_from_messages(msgs, id="varied")
+
+
+def test_pretrimmed_truncation_equals_exhaustive_left_truncation(tok):
+    # Reference: the definition of left truncation, computed the slow way on every candidate
+    # start d (head + steps[d:] tokenized without max_length); the fast path must match exactly.
+    _, tokenizer = tok
+    traj = _varied_long(60)
+    steps = traj.steps()
+    head = traj.messages[: steps[0].action]
+    kept = [trajectory_from_messages(head + traj.messages[s.action :], id="varied") for s in steps]
+    lens = [
+        len(
+            tokenizer(
+                tokenizer.apply_chat_template(t.messages, tokenize=False), add_special_tokens=False
+            )["input_ids"]
+        )
+        for t in kept
+    ]
+    per_step = lens[0] / len(steps)
+    for action_only in (True, False):
+        for max_length in (int(per_step * 10), int(per_step * 17) + 3, lens[-1], lens[1]):
+            d = next(d for d in range(1, len(steps)) if lens[d] <= max_length)
+            ref = tokenize_trajectory(kept[d], tokenizer, action_only=action_only)
+            with pytest.warns(UserWarning, match=f"dropped the first {d} of 60 steps"):
+                got = tokenize_trajectory(
+                    traj, tokenizer, max_length=max_length, action_only=action_only
+                )
+            assert (got.dropped_steps, got.n_steps) == (d, 60 - d) and got.id == ref.id
+            np.testing.assert_array_equal(got.input_ids, ref.input_ids)
+            np.testing.assert_array_equal(got.action_mask, ref.action_mask)
+            np.testing.assert_array_equal(
+                got.step_ids, np.where(ref.step_ids >= 0, ref.step_ids + d, -1)
+            )
+            np.testing.assert_array_equal(got.weights, ref.weights)
+    with pytest.raises(TrajectoryTooLongError, match="varied"):
+        tokenize_trajectory(traj, tokenizer, max_length=lens[-1] - 1)

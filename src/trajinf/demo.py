@@ -63,7 +63,15 @@ class DemoConfig:
     @classmethod
     def default(cls, **kw) -> DemoConfig:
         """The main job: TextWorld Express games, 3 seeds (about 10 minutes on 2 cores)."""
-        base = dict(env="twx", seeds=3)
+        base = dict(
+            env="twx",
+            seeds=3,
+            n_train_tasks=48,
+            n_test_tasks=40,
+            n_base_tasks=40,
+            self_per_task=1,
+            finetune_steps=40,
+        )
         return cls(**{**base, **kw})
 
     @classmethod

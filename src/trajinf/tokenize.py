@@ -166,43 +166,77 @@ def tokenize_trajectory(
     assistant spans, -1 elsewhere) and ``weights`` float32 [T] from message ``"weight"`` fields
     (1.0 default on loss tokens, 0 elsewhere; None when no message has a weight).
     ``action_only=False`` puts every non-system token except token 0 in the mask.
-    If T > ``max_length``, whole steps are dropped from the left (the messages before the first
-    assistant message are kept), with a warning; step ids stay the original indices.
+    If T > ``max_length``, the fewest whole steps are dropped from the left that make it fit (the
+    messages before the first assistant message are kept), with a warning; step ids stay the
+    original indices. Only the kept steps are rendered message by message, so a 10k-step
+    trajectory costs about as much as its kept window (the template's prefix-stability is then
+    checked on the kept messages only).
     Raises TemplateError (template not prefix-stable / fails), TrajectoryTooLongError.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise TrajinfError("tokenize_trajectory needs a fast (Rust) tokenizer for offset mapping")
-    full = _encode(traj, traj.messages, tokenizer, 0, action_only)
-    T = len(full.input_ids)
-    if max_length is None or T <= max_length:
-        return full
+    if max_length is None:
+        return _encode(traj, traj.messages, tokenizer, 0, action_only)
+    # One render + one tokenizer pass is linear; _encode renders a prefix per action, which is
+    # quadratic in the number of steps. So count first, and run _encode only on what is kept.
+    T = _n_tokens(traj, traj.messages, tokenizer)
+    if T <= max_length:
+        return _encode(traj, traj.messages, tokenizer, 0, action_only)
     steps = traj.steps()
-    # Token index where each step's assistant message begins in the full render: a cheap
-    # estimate of what remains after dropping the steps before it (re-rendering confirms).
-    first_tok = np.flatnonzero(full.step_ids >= 0)
-    pos = np.searchsorted(full.step_ids[first_tok], np.arange(len(steps)))
-    step_start = (
-        first_tok[np.minimum(pos, max(len(first_tok) - 1, 0))].tolist()
-        if len(first_tok)
-        else [0] * len(steps)
-    )
-    head_tokens = step_start[0] if steps else T
+    if not steps:
+        raise TrajectoryTooLongError(
+            f"{_where(traj)}: {T} tokens > max_length={max_length} and it has no assistant "
+            "message (no step) to drop; raise max_length or drop this trajectory"
+        )
     head = traj.messages[: steps[0].action]
-    for d in range(1, len(steps)):
-        if head_tokens + T - step_start[d] > max_length:
-            continue
-        out = _encode(traj, head + traj.messages[steps[d].action :], tokenizer, d, action_only)
-        if len(out.input_ids) <= max_length:
-            warnings.warn(
-                f"{_where(traj)}: {T} tokens > max_length={max_length}; "
-                f"dropped the first {d} of {len(steps)} steps",
-                stacklevel=2,
-            )
-            return out
-    raise TrajectoryTooLongError(
-        f"{_where(traj)}: {T} tokens > max_length={max_length} and even the first messages plus "
-        "the last step do not fit; raise max_length or drop this trajectory"
+    d = _first_fitting_step(traj, head, steps, tokenizer, max_length)
+    if d is None:
+        raise TrajectoryTooLongError(
+            f"{_where(traj)}: {T} tokens > max_length={max_length} and even the first messages "
+            "plus the last step do not fit; raise max_length or drop this trajectory"
+        )
+    out = _encode(traj, head + traj.messages[steps[d].action :], tokenizer, d, action_only)
+    warnings.warn(
+        f"{_where(traj)}: {T} tokens > max_length={max_length}; "
+        f"dropped the first {d} of {len(steps)} steps",
+        stacklevel=2,
     )
+    return out
+
+
+def _n_tokens(traj: Trajectory, messages: list[dict], tokenizer) -> int:
+    """Exact token count of the full render of ``messages`` (what ``_encode`` would produce)."""
+    text = _render(tokenizer, messages, traj.tools, False, traj)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _first_fitting_step(
+    traj: Trajectory, head: list[dict], steps: list, tokenizer, max_length: int
+) -> int | None:
+    """Smallest ``d >= 1`` with ``head + steps[d:]`` rendering to <= max_length tokens, or None.
+
+    Assumes (as left truncation itself does) that keeping more steps never gives fewer tokens,
+    so it gallops from the right (keep 1, 2, 4, ... steps) and then bisects: O(log k) renders of
+    at most ~2x the kept window each (the caller renders the whole trajectory once, to count).
+    """
+    n = len(steps)
+
+    def fits(d: int) -> bool:
+        return _n_tokens(traj, head + traj.messages[steps[d].action :], tokenizer) <= max_length
+
+    if not fits(n - 1):
+        return None
+    ok, k = n - 1, 2  # ok: a start known to fit; bad: a start known not to (d=0, the full render)
+    while n - k > 0 and fits(n - k):
+        ok, k = n - k, 2 * k
+    bad = max(n - k, 0)
+    while ok - bad > 1:
+        mid = (ok + bad) // 2
+        if fits(mid):
+            ok = mid
+        else:
+            bad = mid
+    return ok
 
 
 def tokenize_pool(
