@@ -10,6 +10,8 @@
   find-0001), ``meta["family"]`` in {cook, find}, ``success`` True/False, ``source`` expert/noisy,
   and an unknown top-level field ``annotator`` on one record. Safe to mutate.
 - ``write_jsonl(directory, records, name="pool.jsonl") -> Path``: writes records as JSONL.
+- ``make_tiny_job`` (session): ``make_tiny_job(dir, n_tasks=10) -> dir`` writes pool.jsonl,
+  target.jsonl (ToolWorld rollouts) and an untrained tiny model/ with its tokenizer.
 - ``TOOLS``: the OpenAI tool schemas used by ``tool_pool_records`` (module constant).
 """
 
@@ -124,3 +126,33 @@ def write_jsonl():
         return path
 
     return write
+
+
+def _tiny_job(d: Path, n_tasks: int = 10) -> Path:
+    """pool.jsonl (2 * n_tasks ToolWorld trajectories), target.jsonl (3) and an untrained model/."""
+    from trajinf.demo_loop import _texts
+    from trajinf.envs import make_env
+    from trajinf.envs.policies import ExpertPolicy, NoisyExpertPolicy
+    from trajinf.rollout import rollout
+    from trajinf.tiny import tiny_model
+    from trajinf.trajectories import write_pool
+
+    env = make_env("builtin")
+    tasks = env.tasks("train", n_tasks, 0)
+    pool = rollout(env, tasks, ExpertPolicy(), source="expert", with_tools=False) + rollout(
+        env, tasks, NoisyExpertPolicy(0.5), source="noisy", with_tools=False
+    )
+    target = rollout(env, env.tasks("test", 3, 1), ExpertPolicy(), source="t", with_tools=False)
+    write_pool(pool, d / "pool.jsonl")
+    write_pool(target, d / "target.jsonl")
+    tok = train_tokenizer(_texts(pool + target), vocab_size=300)
+    model = tiny_model(tok, hidden=32, layers=1, heads=2, seed=0)
+    model.save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    return d
+
+
+@pytest.fixture(scope="session")
+def make_tiny_job():
+    """``make_tiny_job(dir, n_tasks=10) -> dir``: a small pool, target and tiny model on disk."""
+    return _tiny_job

@@ -16,33 +16,11 @@ import pytest
 import torch
 
 from trajinf.api import build_job_config
-from trajinf.demo_loop import _texts
 from trajinf.distributed import RANKS_DIR, RankContext, rank_context, shutdown
-from trajinf.envs import make_env
-from trajinf.envs.policies import ExpertPolicy, NoisyExpertPolicy
 from trajinf.errors import TrajinfError
 from trajinf.pipeline import extract_job, score_pool
-from trajinf.rollout import rollout
 from trajinf.selection import select
-from trajinf.tiny import tiny_model, train_tokenizer
-from trajinf.trajectories import load_pool, write_pool
-
-
-def tiny_job(d: Path, n_tasks: int = 10) -> Path:
-    """pool.jsonl (2 * n_tasks trajectories), target.jsonl (3) and a tiny untrained model/."""
-    env = make_env("builtin")
-    tasks = env.tasks("train", n_tasks, 0)
-    pool = rollout(env, tasks, ExpertPolicy(), source="expert", with_tools=False) + rollout(
-        env, tasks, NoisyExpertPolicy(0.5), source="noisy", with_tools=False
-    )
-    target = rollout(env, env.tasks("test", 3, 1), ExpertPolicy(), source="t", with_tools=False)
-    write_pool(pool, d / "pool.jsonl")
-    write_pool(target, d / "target.jsonl")
-    tok = train_tokenizer(_texts(pool + target), vocab_size=300)
-    model = tiny_model(tok, hidden=32, layers=1, heads=2, seed=0)
-    model.save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
-    return d
+from trajinf.trajectories import load_pool
 
 
 def job_config(**kw):
@@ -60,8 +38,8 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    d = tiny_job(tmp_path_factory.mktemp("dist"))
+def job(tmp_path_factory, make_tiny_job):
+    d = make_tiny_job(tmp_path_factory.mktemp("dist"))
     extract_job(d / "model", d / "pool.jsonl", d / "single", target=d / "target.jsonl",
                 config=job_config())  # fmt: skip
     return d

@@ -21,16 +21,11 @@ import torch
 
 from trajinf.api import build_job_config
 from trajinf.checkpoints import load_model
-from trajinf.demo_loop import _texts
-from trajinf.envs import make_env
-from trajinf.envs.policies import ExpertPolicy, NoisyExpertPolicy
 from trajinf.errors import StoreMismatchError
 from trajinf.gradients import ExtractionConfig, extract_features
 from trajinf.pipeline import extract_job, score_pool
-from trajinf.rollout import rollout
 from trajinf.selection import select
 from trajinf.store import FeatureStore
-from trajinf.tiny import tiny_model, train_tokenizer
 from trajinf.tokenize import tokenize_pool
 from trajinf.trajectories import load_pool, write_pool
 
@@ -48,21 +43,10 @@ def config(**kw):
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory):
+def job(tmp_path_factory, make_tiny_job):
     """pool (20), target (3), a tiny model, and an uninterrupted reference extraction + scoring."""
     d = tmp_path_factory.mktemp("rel")
-    env = make_env("builtin")
-    tasks = env.tasks("train", 10, 0)
-    pool = rollout(env, tasks, ExpertPolicy(), source="expert", with_tools=False) + rollout(
-        env, tasks, NoisyExpertPolicy(0.5), source="noisy", with_tools=False
-    )
-    target = rollout(env, env.tasks("test", 3, 1), ExpertPolicy(), source="t", with_tools=False)
-    write_pool(pool, d / "pool.jsonl")
-    write_pool(target, d / "target.jsonl")
-    tok = train_tokenizer(_texts(pool + target), vocab_size=300)
-    model = tiny_model(tok, hidden=32, layers=1, heads=2, seed=0)
-    model.save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
+    make_tiny_job(d)
     t0 = time.perf_counter()
     score_pool(d / "model", d / "pool.jsonl", d / "target.jsonl", d / "ref", config=config())
     return d, time.perf_counter() - t0

@@ -180,24 +180,10 @@ def finetune(data: DemoData, chosen: Sequence[Trajectory], config, *, seed: int)
 def evaluate_model(env, model, tokenizer, families: Sequence[str], config) -> dict:
     """Greedy rank-mode success on the fixed held-out test tasks of ``families``."""
     policy = ModelPolicy(model, tokenizer, mode="rank", temperature=0.0)
-    res = evaluate_policy(
-        env,
-        policy,
-        split="test",
-        n_tasks=config.n_test_tasks,
-        seed=config.seed,
-        families=families,
-        with_tools=config.with_tools,
-    )
-    out = res.to_dict()
+    tasks = dict(split="test", n_tasks=config.n_test_tasks, seed=config.seed, families=families)
+    out = evaluate_policy(env, policy, with_tools=config.with_tools, **tasks).to_dict()
     out["step_agreement"] = expert_step_agreement(
-        env,
-        policy,
-        split="test",
-        n_tasks=config.n_test_tasks,
-        seed=config.seed,
-        families=families,
-        with_tools=config.with_tools,
+        env, policy, with_tools=config.with_tools, **tasks
     )
     return out
 
