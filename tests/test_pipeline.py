@@ -148,3 +148,23 @@ def test_sparse_update_mask_tracks_fewer_parameters(scored, tmp_path):
     assert not np.allclose(got.loc[full.index], full)  # the mask changes what is tracked
     manifest = (tmp_path / "m" / "store" / "pool" / "manifest.json").read_text()
     assert repr(threshold) in manifest or str(threshold) in manifest
+
+
+def test_select_filters_zero_variance_groups_and_near_duplicates(scored, tmp_path):
+    d, _, pool, _, _ = scored
+    # expert and noisy rollouts share task ids: groups where both succeeded carry no signal
+    sel = select_to_file(d / "scores", d / "pool.jsonl", tmp_path / "zv.jsonl", method="full",
+                         fraction=1.0, drop_zero_variance=True)  # fmt: skip
+    by_task: dict = {}
+    for t in pool:
+        by_task.setdefault(t.task_id, []).append(bool(t.success))
+    flat = {k for k, v in by_task.items() if len(v) >= 2 and len(set(v)) == 1}
+    removed = {t.id for t in pool if t.task_id in flat}
+    assert sel.info["filters"]["zero_variance"]["trajectories_removed"] == len(removed) > 0
+    assert not removed & set(sel.ids)
+    # a threshold of -1 makes every trajectory a duplicate of the best-scored one
+    sel = select_to_file(d / "scores", d / "pool.jsonl", tmp_path / "dd.jsonl", method="full",
+                         fraction=1.0, dedup=-1.0)  # fmt: skip
+    best = pd.read_parquet(d / "scores" / "scores.parquet").sort_values("score").iloc[-1]["id"]
+    assert sel.ids == [best]
+    assert sel.info["filters"]["near_duplicates"]["removed"] == len(pool) - 1

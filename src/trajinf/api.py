@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from trajinf.errors import TrajinfError
@@ -92,8 +93,16 @@ def select_to_file(
     drop_harmful: bool = False,
     step_weights: bool = False,
     seed: int = 0,
+    drop_zero_variance: bool = False,
+    dedup: float | None = None,
 ) -> Selection:
-    """Select from a scored pool and write the selection (with step weights) as JSONL."""
+    """Select from a scored pool and write the selection (with step weights) as JSONL.
+
+    ``drop_zero_variance`` first removes rollout groups (same task_id) whose outcomes are all
+    equal; ``dedup`` (a cosine threshold) then keeps one trajectory per near-duplicate cluster
+    of stored features (the highest-scored). Both filters run before the budget is applied;
+    ``sel.info["filters"]`` says how much each removed.
+    """
     if not 0 < fraction <= 1:
         raise TrajinfError(f"--fraction must be in (0, 1], got {fraction}")
     trajs = load_pool(pool)
@@ -104,9 +113,10 @@ def select_to_file(
             f"{pool}: pool does not match {scores_dir}/scores.parquet "
             f"({len(missing)} ids differ, e.g. '{sorted(map(str, missing))[0]}')"
         )
+    kept, filters = _prefilter(trajs, scores, Path(scores_dir), drop_zero_variance, dedup)
     sel = select(
         method,
-        trajs,
+        kept,
         fraction=fraction,
         scores=scores,
         step_scores=steps,
@@ -115,6 +125,29 @@ def select_to_file(
         step_weights=step_weights,
         seed=seed,
     )
+    sel.info["filters"] = filters
     by_id = {t.id: t for t in trajs}
     write_pool([by_id[i] for i in sel.ids], out, step_weights=sel.step_weights)
     return sel
+
+
+def _prefilter(trajs, scores: pd.DataFrame, scores_dir: Path, zero_variance: bool, dedup):
+    """Trajectories left after the optional zero-variance and near-duplicate filters."""
+    from trajinf.selection import near_duplicate_filter, zero_variance_filter
+    from trajinf.store import FeatureStore
+
+    filters: dict = {}
+    keep = {t.id for t in trajs}
+    if zero_variance:
+        frame, filters["zero_variance"] = zero_variance_filter(trajs)
+        keep &= set(frame["id"])
+    if dedup is not None:
+        store = FeatureStore.open(scores_dir / "store" / "pool")
+        rows = store.items[(store.items["step"] == -1) & store.items["id"].isin(keep)]
+        rows = rows.sort_values("item")
+        feats = store.features(store.n_checkpoints - 1, rows=rows["row"].to_numpy())
+        score = scores.set_index("id").loc[rows["id"], "score"].to_numpy(float)
+        kept_idx = near_duplicate_filter(feats, dedup, scores=np.nan_to_num(score, nan=-np.inf))
+        filters["near_duplicates"] = {"threshold": dedup, "removed": len(rows) - len(kept_idx)}
+        keep &= set(rows["id"].to_numpy()[kept_idx])
+    return [t for t in trajs if t.id in keep], filters

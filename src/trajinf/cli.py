@@ -155,6 +155,12 @@ def select(
     drop_harmful: bool = typer.Option(False, help="Drop trajectories flagged harmful."),
     step_weights: bool = typer.Option(False, help="Write weight 0 on negative-influence steps."),
     seed: int = typer.Option(0, help="Seed for random tie-breaks and the random baseline."),
+    drop_zero_variance: bool = typer.Option(
+        False, help="Drop rollout groups (same task_id) whose outcomes are all equal."
+    ),
+    dedup: float = typer.Option(
+        None, help="Keep one trajectory per near-duplicate cluster (feature cosine >= this)."
+    ),
     out: Path = typer.Option(..., help="Selected trajectories, written in the input format."),
 ) -> None:
     """Select a subset (and per-step weights) and write it back in the input format.
@@ -174,7 +180,11 @@ def select(
         drop_harmful=drop_harmful,
         step_weights=step_weights,
         seed=seed,
+        drop_zero_variance=drop_zero_variance,
+        dedup=dedup,
     )
+    if sel.info.get("filters"):
+        console.print(f"filters: {sel.info['filters']}")
     console.print(f"selected {len(sel.ids)} trajectories with '{method.value}' -> {out}")
 
 
