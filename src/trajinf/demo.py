@@ -67,10 +67,10 @@ class DemoConfig:
             env="twx",
             seeds=3,
             n_train_tasks=48,
-            n_test_tasks=40,
+            n_test_tasks=30,
             n_base_tasks=40,
             self_per_task=1,
-            finetune_steps=40,
+            finetune_steps=30,
         )
         return cls(**{**base, **kw})
 
@@ -114,6 +114,10 @@ def run_demo(
     t0 = time.perf_counter()
     data: DemoData = build_demo_data(env, config, out, progress=progress, log=log)
     timings["data_and_warmup_s"] = time.perf_counter() - t0
+    from trajinf.trajectories import write_pool
+
+    write_pool(data.pool, out / "pool.jsonl")  # the evidence: what was scored and selected
+    write_pool(data.target, out / "target.jsonl")
 
     from trajinf.api import build_job_config
     from trajinf.pipeline import score_pool
