@@ -42,7 +42,7 @@ from trajinf.checkpoints import (
 )
 from trajinf.errors import TrajinfError
 from trajinf.gradients import ExtractionConfig, extract_features, feature_dim, tracked_modules
-from trajinf.store import FeatureStore
+from trajinf.store import FeatureStore, file_sha256
 from trajinf.tokenize import TokenizedTrajectory
 from trajinf.trajectories import Trajectory
 
@@ -214,14 +214,6 @@ def launch(args: Sequence[str], nproc: int, *, torchrun_args: Sequence[str] = ()
     return subprocess.call(cmd, env=env)
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def items_table(
     trajs: Sequence[Trajectory], tokens: Sequence[TokenizedTrajectory], subtasks: Sequence[str]
 ) -> pd.DataFrame:
@@ -324,7 +316,7 @@ def _storable(f):
 
 def _pool_digest(source, trajs: Sequence[Trajectory]) -> str:
     if isinstance(source, (str, Path)) and Path(source).is_file():
-        return _file_sha256(Path(source))
+        return file_sha256(Path(source))
     h = hashlib.sha256()
     for t in trajs:
         h.update(json.dumps([t.id, t.messages], sort_keys=True, default=str).encode())

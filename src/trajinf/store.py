@@ -87,7 +87,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(dfd)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -320,7 +321,7 @@ class FeatureStore:
         p = self.shard_path(*key)
         if not p.exists():
             raise StoreCorruptError(f"{p}: shard listed in the manifest is missing")
-        if _sha256(p) != entry["sha256"]:
+        if file_sha256(p) != entry["sha256"]:
             raise StoreCorruptError(f"{p}: sha256 mismatch (truncated or corrupted shard)")
         self._verified.add(key)
 
@@ -398,7 +399,7 @@ class FeatureStore:
                     f"{source}: shape {shape} {dtype}, expected ({len(rows)}, {self.dim})"
                 )
             items, lo, hi, existing = self._shard_rows(ckpt, shard, rows, pending)
-            digest = _sha256(source)
+            digest = file_sha256(source)
             path = self.shard_path(ckpt, shard)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.adopt")
