@@ -100,7 +100,7 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
     def bad_replace(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(store_mod.os, "replace", bad_replace)
+    monkeypatch.setattr(os, "replace", bad_replace)  # every store write renames via os.replace
     with pytest.raises(OSError):
         st.write_shard(0, 1, items(2, first_item=2), feats(6, 3))
     assert not any(p.name.endswith(".tmp") for p in (tmp_path / "s").rglob("*"))
@@ -192,12 +192,15 @@ def test_bad_inputs_raise(tmp_path):
     st = FeatureStore.create(tmp_path / "s", fingerprint=FP, dim=D, checkpoints=CKPTS)
     with pytest.raises(TrajinfError, match="shape"):
         st.write_shard(0, 0, items(1), feats(2, 0))
-    with pytest.raises(TrajinfError, match="float16"):
-        st.write_shard(0, 0, items(1), np.full((3, D), 1e6, np.float32))
+    bad = feats(3, 0)
+    bad[1, 2] = np.nan
+    with pytest.raises(TrajinfError, match=r"non-finite features \(ids \['t0'\]\)"):
+        st.write_shard(0, 0, items(1), bad)
     with pytest.raises(TrajinfError, match="'id'"):
         st.write_shard(0, 0, pd.DataFrame({"step": [-1]}), feats(1, 0))
-    (tmp_path / "s" / "items.parquet").write_bytes(b"PAR1 not really")
-    with pytest.raises(StoreCorruptError, match="items.parquet"):
+    st.write_shard(0, 0, items(1), feats(3, 0))
+    (tmp_path / "s" / "items" / "items-00000.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(StoreCorruptError, match="items-00000.parquet"):
         FeatureStore.open(tmp_path / "s")
     (tmp_path / "s" / "manifest.json").write_text("{\n  bad")
     with pytest.raises(StoreCorruptError, match=r"manifest.json:2"):
@@ -209,3 +212,78 @@ def test_no_pickle_in_files(tmp_path):
     json.loads((tmp_path / "s" / "manifest.json").read_text())
     # allow_pickle=False load succeeds, i.e. plain numeric arrays only
     np.load(st.shard_path(0, 0), allow_pickle=False)
+
+
+def test_huge_and_tiny_rows_keep_float16_relative_precision(tmp_path):
+    """TWX self rollouts reach |x| ~ 8e4 > float16's 65504: a per-row power-of-two scale keeps
+    them (and rows far below float16's normal range) to float16 relative precision."""
+    st = FeatureStore.create(tmp_path / "s", fingerprint=FP, dim=D, checkpoints=CKPTS[:1])
+    x = feats(6, 3)
+    x[0] *= 8e4 / np.abs(x[0]).max()
+    x[1] *= 1e9
+    x[2] *= 1e-9  # all subnormal or zero in plain float16
+    x[3] = 0.0
+    st.write_shard(0, 0, items(2), x)
+    got = FeatureStore.open(tmp_path / "s").features(0)
+    assert np.isfinite(got).all() and not got[3].any()
+    np.testing.assert_allclose(got, x, rtol=2.0**-11, atol=0)
+    scale = st.row_info(0, 0)["scale"]
+    assert scale[3] == 1.0 and scale[0] == 8.0 and (np.log2(scale) % 1 == 0).all()
+    stored = np.load(st.shard_path(0, 0), allow_pickle=False).astype(np.float32)
+    assert np.abs(stored).max() <= 2.0**14
+
+
+def test_loss_and_finite_are_kept_per_checkpoint(tmp_path):
+    st = FeatureStore.create(tmp_path / "s", fingerprint=FP, dim=D, checkpoints=CKPTS)
+    rows = items(2)
+    st.write_shard(0, 0, rows.assign(loss=1.5, finite=True), feats(6, 0))
+    assert st.items["finite"].all()
+    bad = rows.assign(loss=2.5, finite=[True, True, True, False, False, False])
+    st.write_shard(1, 0, bad, feats(6, 1))
+    for s in (st, FeatureStore.open(tmp_path / "s")):
+        # non-finite at any checkpoint: the item is non-finite; `loss` is checkpoint 0's
+        assert s.items["finite"].tolist() == [True] * 3 + [False] * 3
+        assert (s.items["loss"] == 1.5).all()
+        np.testing.assert_array_equal(s.row_info(1, 0)["loss"], np.full(6, 2.5, np.float32))
+
+
+def test_items_tables_are_written_once_per_shard(tmp_path, monkeypatch):
+    writes = []
+    real = store_mod._atomic_write
+    monkeypatch.setattr(
+        store_mod, "_atomic_write", lambda p, w: (writes.append(p.name), real(p, w))[1]
+    )
+    st, _ = make(tmp_path, n_shards=5)
+    items_writes = [n for n in writes if n.endswith(".parquet")]
+    assert sorted(items_writes) == [f"items-{s:05d}.parquet" for s in range(5)]
+    assert len(FeatureStore.open(tmp_path / "s").items) == 30 == len(st.items)
+
+
+def test_old_format_version_is_refused_by_name(tmp_path):
+    make(tmp_path, n_shards=1)
+    m = tmp_path / "s" / "manifest.json"
+    m.write_text(m.read_text().replace('"format_version": 2', '"format_version": 1'))
+    with pytest.raises(StoreMismatchError, match="'format_version' is 1, this trajinf reads 2"):
+        FeatureStore.open(tmp_path / "s")
+
+
+def test_damaged_rows_file_is_named(tmp_path):
+    st, _ = make(tmp_path)
+    p = tmp_path / "s" / "ckpt-1" / "rows-00000.npy"
+    p.write_bytes(p.read_bytes()[:-4])
+    st2 = FeatureStore.open(tmp_path / "s")
+    assert st2.verify() == [(1, 0)] and not st2.has_shard(1, 0)
+    with pytest.raises(StoreCorruptError, match="rows-00000.npy"):
+        st2.features(1)
+
+
+def test_append_takes_per_checkpoint_loss_and_finite(tmp_path):
+    st, _ = make(tmp_path, n_shards=1)
+    new = items(1, first_item=2).assign(loss_0=0.5, finite_0=True, loss_1=0.7,
+                                        finite_1=[False, False, False])  # fmt: skip
+    shard = st.append(new, [feats(3, 40), feats(3, 41)])
+    st2 = FeatureStore.open(tmp_path / "s")
+    new_rows = st2.items[st2.items["id"] == "t2"]
+    assert not new_rows["finite"].any() and (new_rows["loss"] == 0.5).all()
+    assert "loss_1" not in st2.items.columns
+    np.testing.assert_allclose(st2.row_info(1, shard)["loss"], 0.7)

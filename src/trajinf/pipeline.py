@@ -7,44 +7,40 @@ shards (checksums verified by the store).
 
 from __future__ import annotations
 
-import copy
-import io
-import json
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from trajinf.checkpoints import load_model
 from trajinf.distributed import (  # noqa: F401  (items_table, extract_store: public here too)
     ProgressFactory,
     RankContext,
-    _load_checkpoints,
-    _pool_digest,
     extract_store,
     items_table,
     resolve_device,
-    shard_bounds,
 )
-from trajinf.errors import StoreCorruptError, TrajinfError
-from trajinf.gradients import ExtractionConfig, extract_features, feature_dim
-from trajinf.scoring import (
-    PoolSource,
-    ScoreConfig,
-    ScoreResult,
-    directions_from_stores,
-    score_stores,
-    top_k,
+from trajinf.errors import TrajinfError
+from trajinf.extract_shards import _pool_digest
+from trajinf.gradients import ExtractionConfig
+from trajinf.pipeline_append import score_appended
+from trajinf.pipeline_steps import (  # noqa: F401  (public here too)
+    _checkpoint_list,
+    _load_inputs,
+    _subtask_of,
+    _with_meta,
+    baseline_statistics,
+    nonfinite_ids,
+    write_json,
+    write_parquet,
 )
-from trajinf.scoring import score_pool as score_directions_pool
+from trajinf.scoring import ScoreConfig, ScoreResult, score_stores, top_k
 from trajinf.selection import harmful_flags, null_scores
-from trajinf.store import FeatureStore, _atomic_write
-from trajinf.tokenize import TokenizedTrajectory, tokenize_pool
-from trajinf.trajectories import Trajectory, field_value, load_pool
+from trajinf.store import FeatureStore
+from trajinf.tokenize import TokenizedTrajectory
+from trajinf.trajectories import Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -83,34 +79,6 @@ class ScoreOutputs:
     steps: pd.DataFrame
     harmful_info: dict
     timings: dict
-
-
-def _subtask_of(trajs: Sequence[Trajectory], name: str) -> list[str]:
-    out = []
-    for t in trajs:
-        v = field_value(t, name)
-        out.append("all" if v is None else str(v))
-    return out
-
-
-def _checkpoint_list(model_dir: Path, checkpoints: Sequence[str | Path]) -> list[Path]:
-    return [Path(c) for c in checkpoints] if checkpoints else [Path(model_dir)]
-
-
-def _load_inputs(
-    model_dir: Path, pool, target, config: ScoreJobConfig, *, tokenize_pool_too: bool = True
-):
-    """(pool trajectories, target trajectories, pool tokens or None, target tokens)."""
-    pool_trajs = list(pool) if not isinstance(pool, (str, Path)) else load_pool(pool)
-    target_trajs = list(target) if not isinstance(target, (str, Path)) else load_pool(target)
-    tokenizer = _load_tokenizer(model_dir, trust_remote_code=config.trust_remote_code)
-    pool_tok = (
-        tokenize_pool(pool_trajs, tokenizer, max_length=config.max_length)
-        if tokenize_pool_too
-        else None
-    )
-    target_tok = tokenize_pool(target_trajs, tokenizer, max_length=config.max_length)
-    return pool_trajs, target_trajs, pool_tok, target_tok
 
 
 @dataclass
@@ -236,7 +204,7 @@ def score_pool(
     config = config or ScoreJobConfig()
     out = Path(out)
     if append and (out / "job.json").exists():
-        return _score_appended(
+        return score_appended(
             model_dir, pool, target, out, checkpoints=checkpoints, config=config, progress=progress
         )
     out.mkdir(parents=True, exist_ok=True)
@@ -305,25 +273,6 @@ def score_pool(
     return ScoreOutputs(out, traj, result.steps, harmful_info, timings)
 
 
-def _with_meta(traj: pd.DataFrame, pool_trajs: Sequence[Trajectory]) -> pd.DataFrame:
-    meta = pd.DataFrame(
-        {
-            "id": [t.id for t in pool_trajs],
-            "task_id": [t.task_id for t in pool_trajs],
-            "source": [t.source for t in pool_trajs],
-            "success": [t.success for t in pool_trajs],
-        }
-    )
-    return meta.merge(traj, on="id", how="left")
-
-
-def nonfinite_ids(store: FeatureStore) -> list[str]:
-    """Ids of the store's trajectories whose loss or gradient was not finite (zero features)."""
-    it = store.items
-    bad = it[(it["step"] == -1) & ~it["finite"].astype(bool)]
-    return [str(i) for i in bad.sort_values("row")["id"]]
-
-
 def top_k_scores(
     pool: FeatureStore, target: FeatureStore, config: ScoreConfig, k: int
 ) -> pd.DataFrame:
@@ -332,187 +281,3 @@ def top_k_scores(
     if k < 1:
         raise TrajinfError(f"top_k must be >= 1, got {k}")
     return top_k(pool, target, config, k)
-
-
-def _load_tokenizer(model_dir: Path, *, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    if (
-        not (Path(model_dir) / "config.json").is_file()
-        and not (Path(model_dir) / "adapter_config.json").is_file()
-    ):
-        raise TrajinfError(f"{model_dir}: not a model directory (no config.json)")
-    return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-
-
-def _view(store: FeatureStore, keep: np.ndarray) -> FeatureStore:
-    """The same store with only the items rows where ``keep`` (a read-only view)."""
-    v = copy.copy(store)
-    v.items = store.items[keep].reset_index(drop=True)
-    return v
-
-
-def _score_appended(
-    model_dir, pool, target, out: Path, *, checkpoints, config: ScoreJobConfig, progress
-) -> ScoreOutputs:
-    """``score_pool(append=True)``: extract and score only trajectories not yet scored."""
-    job = json.loads((out / "job.json").read_text())
-    if "harmful" not in job:
-        raise TrajinfError(f"{out / 'job.json'}: no full scoring to append to; run without append")
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    ckpts = _checkpoint_list(Path(model_dir), checkpoints)
-    pool_trajs, target_trajs, _, target_tok = _load_inputs(
-        Path(model_dir), pool, target, config, tokenize_pool_too=False
-    )
-    models, ckpt_info, fp = _load_checkpoints(
-        ckpts,
-        config.extraction,
-        lora=config.lora,
-        device=resolve_device(config.device),
-        trust_remote_code=config.trust_remote_code,
-    )
-    dim = feature_dim(models[0][0], config.extraction)
-    store = FeatureStore.open(
-        out / "store" / "pool", expect={**fp, "dim": dim, "checkpoints": ckpt_info}
-    )
-    if store.verify():
-        raise StoreCorruptError(
-            f"{store.path}: damaged shards {store.verify()}; rerun without append on the full pool"
-        )
-    known = set(store.items["id"])
-    new = [t for t in pool_trajs if t.id not in known]
-    tokenizer = _load_tokenizer(Path(model_dir), trust_remote_code=config.trust_remote_code)
-    new_tok = tokenize_pool(new, tokenizer, max_length=config.max_length)
-    timings["load_tokenize_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    n_old = int(store.manifest["n_items"])
-    items = items_table(new, new_tok, _subtask_of(new, config.subtask_field))
-    if new:
-        items["item"] += n_old
-    tick = progress("pool features (appended)", len(new)) if progress and new else None
-    for a, b in shard_bounds(len(new), config.shard_items):
-        blocks, loss, finite = [], {}, {}
-        for c, (model, _tok, state) in enumerate(models):
-            fs = list(
-                extract_features(model, new_tok[a:b], config.extraction, checkpoint_state=state)
-            )
-            blocks.append(np.concatenate([r for f in fs for r in (f.trajectory[None], f.steps)]))
-            if c == 0:  # as in extract_store: the items table keeps the first checkpoint's loss
-                loss = {n_old + a + f.index: f.loss for f in fs}
-                finite = {n_old + a + f.index: f.finite for f in fs}
-        rows = items[(items["item"] >= n_old + a) & (items["item"] < n_old + b)].copy()
-        rows["loss"] = rows["item"].map(loss).astype(float)
-        rows["finite"] = rows["item"].map(finite).astype(bool)
-        store.append(rows, blocks)
-        if tick:
-            tick(b - a)
-    timings["extract_pool_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    old_scores = pd.read_parquet(out / "scores.parquet")
-    fresh = ~store.items["id"].isin(set(old_scores["id"].astype(str)))
-    by_id = {t.id: t for t in pool_trajs}
-    todo_ids = store.items.loc[fresh & (store.items["step"] == -1), "id"].tolist()
-    missing = [i for i in todo_ids if i not in by_id]
-    if missing:
-        raise TrajinfError(
-            f"{store.path}: ids {missing[:3]} were appended by an interrupted run but are not in "
-            "this pool; pass the same pool again"
-        )
-    if not todo_ids:  # nothing new: the tables stay as they are
-        steps = pd.read_parquet(out / "step_scores.parquet")
-        return ScoreOutputs(out, old_scores, steps, job["harmful"], timings)
-    target_store = FeatureStore.open(out / "store" / "target")
-    dirs = directions_from_stores(_view(store, ~fresh.to_numpy()), target_store, config.scoring)
-    new_view = _view(store, fresh.to_numpy())
-    result = score_directions_pool(PoolSource.from_store(new_view), dirs, config.scoring)
-    h = job["harmful"]
-    s = result.trajectories["score"].to_numpy(float)
-    m = result.trajectories["min_step_score"].to_numpy(float)
-    with np.errstate(invalid="ignore"):
-        by_score, by_step = s < h["score_threshold"], m < h["step_threshold"]
-    reason = np.where(
-        by_score & by_step,
-        "score+step",
-        np.where(by_score, "score", np.where(by_step, "step", "")),
-    )
-    ids = result.trajectories["id"]
-    flags = pd.DataFrame({"id": ids, "harmful": by_score | by_step, "reason": reason})
-    todo = [by_id[i] for i in todo_ids]
-    traj = _with_meta(result.trajectories.merge(flags, on="id", how="left"), todo)
-    traj = pd.concat([old_scores, traj], ignore_index=True)
-    steps = pd.concat(
-        [pd.read_parquet(out / "step_scores.parquet"), result.steps], ignore_index=True
-    )
-    timings["score_s"] = time.perf_counter() - t0
-    if config.baselines and (out / "statistics.parquet").exists() and todo:
-        todo_tok = tokenize_pool(todo, tokenizer, max_length=config.max_length)
-        stats = baseline_statistics(
-            model_dir,
-            todo_tok,
-            target_tok,
-            new_view,
-            target_store,
-            todo,
-            trust_remote_code=config.trust_remote_code,
-        )
-        stats = pd.concat([pd.read_parquet(out / "statistics.parquet"), stats], ignore_index=True)
-        write_parquet(stats.drop_duplicates("id", keep="last"), out / "statistics.parquet")
-    # step scores first: a kill between the two writes leaves these ids unscored, so a rerun
-    # scores them again (scores.parquet decides what is done)
-    write_parquet(steps.drop_duplicates(["id", "step"], keep="last"), out / "step_scores.parquet")
-    write_parquet(traj, out / "scores.parquet")
-    added = {"n": len(todo), "input_sha256": _pool_digest(pool, pool_trajs)}
-    job["appended"] = [*job.get("appended", []), added]
-    job.update(n_pool=len(traj), nonfinite=nonfinite_ids(store), timings_append=timings)
-    write_json(job, out / "job.json")
-    return ScoreOutputs(out, traj, steps, h, timings)
-
-
-def baseline_statistics(
-    model_dir,
-    pool_tok,
-    target_tok,
-    pool_store,
-    target_store,
-    pool_trajs,
-    *,
-    trust_remote_code: bool = False,
-) -> pd.DataFrame:
-    """Per-item statistics the baseline selectors need: loss, grad_norm, length, rds."""
-    from trajinf.baselines import hidden_state_embeddings, rds_scores
-
-    model, _ = load_model(Path(model_dir), trust_remote_code=trust_remote_code)
-    pool_emb = hidden_state_embeddings(model, pool_tok)
-    target_emb = hidden_state_embeddings(model, target_tok)
-    t_items = target_store.items
-    t_sub = t_items[t_items["step"] == -1].sort_values("item")["subtask"].tolist()
-    rds = rds_scores(pool_emb, target_emb, t_sub)
-    p_items = pool_store.items
-    traj_rows = p_items[p_items["step"] == -1].sort_values("item")
-    last = len(pool_store.manifest["checkpoints"]) - 1
-    feats = pool_store.features(last, rows=traj_rows["row"].to_numpy())
-    return pd.DataFrame(
-        {
-            "id": [t.id for t in pool_trajs],
-            "loss": traj_rows["loss"].to_numpy(),
-            "grad_norm": np.linalg.norm(feats, axis=1),
-            "length": traj_rows["n_action_tokens"].to_numpy(),
-            "rds": rds,
-        }
-    )
-
-
-def write_parquet(df: pd.DataFrame, path: Path) -> None:
-    """Write a table atomically (temp file, fsync, rename): readers see old or new, never half."""
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    _atomic_write(Path(path), lambda f: f.write(buf.getvalue()))
-
-
-def write_json(obj: dict, path: Path) -> None:
-    """Write JSON atomically (temp file, fsync, rename)."""
-    text = json.dumps(obj, indent=2, default=str).encode()
-    _atomic_write(Path(path), lambda f: f.write(text))
