@@ -7,15 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from grad_oracles import tiny_model
 from peft import PeftModel
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from transformers import PreTrainedTokenizerFast
 
 from trajinf.checkpoints import (
     load_checkpoint_state,
@@ -39,18 +34,9 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
 
 
-def llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
+def llama() -> torch.nn.Module:
+    """The tiny Llama with the default init std (0.02) on this file's vocabulary."""
+    return tiny_model("llama", vocab=VOCAB, init_std=0.02)
 
 
 def train_steps(model, n=2, lr=1e-3):
@@ -122,8 +108,7 @@ def test_lora_adapter_round_trip_and_extraction(tmp_path):
 
 
 def test_load_model_wraps_lora_and_overwrite_is_atomic(tmp_path):
-    torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4))
+    gpt2 = tiny_model("gpt2", vocab=VOCAB, init_std=0.02)
     for name, model, targets in [
         ("g", gpt2, {"c_attn", "c_proj"}),
         ("l", llama(), {"q_proj", "k_proj", "v_proj", "o_proj"}),

@@ -6,17 +6,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad, vmap
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
+from grad_oracles import (
+    VOCAB,
+    assert_close,
+    exact_weighted_grads,
+    module_grads,
+    nll_of,
+    project_factorized,
+    tiny_model,
+    token_weights,
 )
 
-from trajinf.checkpoints import CheckpointState, wrap_lora
+from trajinf.checkpoints import CheckpointState
 from trajinf.errors import TrajinfError
 from trajinf.gradients import (
     ExtractionConfig,
@@ -27,42 +28,10 @@ from trajinf.gradients import (
     tracked_modules,
 )
 from trajinf.gradients.hooks import ActivationGradientCollector
-from trajinf.gradients.projection import factorized_k, factorized_pair
+from trajinf.gradients.projection import factorized_k
 from trajinf.tokenize import TokenizedTrajectory
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-VOCAB = 100
-
-
-def tiny(arch: str) -> torch.nn.Module:
-    """fp32 tiny model; init std 0.2 so gradients are far from zero."""
-    torch.manual_seed(0)
-    common = dict(vocab_size=VOCAB, initializer_range=0.2)
-    if arch == "gpt2":
-        model = GPT2LMHeadModel(
-            GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **common)
-        )
-    else:
-        kw = dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            **common,
-        )
-        cls, cfg = (
-            (Qwen2ForCausalLM, Qwen2Config) if arch == "qwen2" else (LlamaForCausalLM, LlamaConfig)
-        )
-        model = cls(cfg(**kw))
-    if arch == "lora":
-        model = wrap_lora(model, rank=4)
-        with torch.no_grad():  # B starts at zero, which would make dL/dA vanish
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name)))
-    return model.float().eval()
 
 
 def make_item(
@@ -82,15 +51,6 @@ def make_item(
     return TokenizedTrajectory(f"it{seed}", ids, action, step_ids, n_steps, weights=w)
 
 
-def token_weights(item: TokenizedTrajectory, normalization: str = "mean") -> torch.Tensor:
-    w = item.action_mask.astype(np.float32)
-    if item.weights is not None:
-        w = w * item.weights
-    if normalization == "mean":
-        w = w / item.action_mask.sum()
-    return torch.from_numpy(w)
-
-
 def position_slots(step_ids: np.ndarray) -> np.ndarray:
     """Independent reference: position p -> step of token p+1, gaps to the previous step."""
     steps = sorted({int(s) for s in step_ids if s >= 0})
@@ -102,24 +62,14 @@ def position_slots(step_ids: np.ndarray) -> np.ndarray:
     return np.array(owner[1:] + owner[-1:])
 
 
-def nll_of(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return F.pad(F.cross_entropy(logits[:-1], ids[1:], reduction="none"), (1, 0))
-
-
 def exact_item_grads(model, items, names, normalization="mean") -> list[dict[str, torch.Tensor]]:
-    """Per-example weight gradients by vmap(grad(functional_call)) over equal-length items."""
-    params = {n: p.detach() for n, p in model.named_parameters()}
-
-    def loss(p, ids, w):
-        logits = functional_call(model, p, (ids.unsqueeze(0),), {"use_cache": False}).logits[0]
-        return (nll_of(logits, ids) * w).sum()
-
+    """Per-example weight gradients, {param name: grad} per item (equal lengths batched)."""
     out: list[dict] = [{} for _ in items]
     for length in sorted({len(it.input_ids) for it in items}):
         idx = [i for i, it in enumerate(items) if len(it.input_ids) == length]
         ids = torch.stack([torch.from_numpy(items[i].input_ids) for i in idx])
         w = torch.stack([token_weights(items[i], normalization) for i in idx])
-        grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, ids, w)
+        grads = exact_weighted_grads(model, ids, w, names)
         for r, i in enumerate(idx):
             out[i] = {n: grads[n][r] for n in names}
     return out
@@ -152,30 +102,12 @@ def exact_step_grads(model, item, tracked) -> dict[str, torch.Tensor]:
     return dict(zip(deltas, grads, strict=True))
 
 
-def project(tracked, config, mats: dict[str, torch.Tensor]) -> np.ndarray:
-    """Concatenate P_out G P_in^T (G in [out, in]) over modules -> [D] (or [S, D] for [S,o,i])."""
-    k = factorized_k(config.proj_dim, len(tracked))
-    parts = []
-    for t in tracked:
-        p_in, p_out = factorized_pair(config.seed, t.name, k, t.in_features, t.out_features)
-        g = mats[t.name]
-        parts.append((p_out @ g @ p_in.T).reshape(*g.shape[:-2], k * k))
-    return torch.cat(parts, -1).numpy()
-
-
-def assert_close(actual, expected, rtol=1e-4):
-    expected = np.asarray(expected)
-    np.testing.assert_allclose(
-        actual, expected, rtol=rtol, atol=1e-6 * max(np.abs(expected).max(), 1e-3)
-    )
-
-
 ITEMS = [make_item(0, 40), make_item(1, 23, 2), make_item(2, 40, 4), make_item(3, 31, 1)]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "lora"])
 def test_features_equal_projected_exact_gradients(arch):
-    model = tiny(arch)
+    model = tiny_model(arch)
     config = ExtractionConfig(proj_dim=512, batch_tokens=4096)
     tracked = tracked_modules(model)
     if arch == "lora":
@@ -184,20 +116,19 @@ def test_features_equal_projected_exact_gradients(arch):
     assert len(feats[0].trajectory) == feature_dim(model, config)
     exact = exact_item_grads(model, ITEMS, [t.param_name for t in tracked])
     for it, f, g in zip(ITEMS, feats, exact, strict=True):
-        # G in [out, in]; Conv1D stores [in, out]
-        mats = {t.name: g[t.param_name].T if t.transposed else g[t.param_name] for t in tracked}
-        assert_close(f.trajectory, project(tracked, config, mats))
+        mats = module_grads(tracked, g)  # G in [out, in]
+        assert_close(f.trajectory, project_factorized(tracked, config, mats))
         steps = exact_step_grads(model, it, tracked)
         for t in tracked:  # the reference itself: step copies sum to the full gradient
             torch.testing.assert_close(steps[t.name].sum(0), mats[t.name], rtol=1e-4, atol=1e-6)
-        assert_close(f.steps, project(tracked, config, steps))
+        assert_close(f.steps, project_factorized(tracked, config, steps))
         assert_close(f.steps.sum(0), f.trajectory, rtol=1e-5)
         assert f.finite and list(f.step_index) == sorted(set(it.step_ids[it.step_ids >= 0]))
         assert f.step_tokens.sum() == it.action_mask.sum()
 
 
 def test_padding_and_batch_composition_invariance():
-    model = tiny("llama")
+    model = tiny_model("llama")
     config = ExtractionConfig(proj_dim=256)
     target = make_item(7, 30, 3, weights=True)
     alone = next(extract_features(model, [target], config))
@@ -214,7 +145,7 @@ def test_padding_and_batch_composition_invariance():
 
 
 def test_determinism_and_seed():
-    model = tiny("llama")
+    model = tiny_model("llama")
     a = list(extract_features(model, ITEMS, ExtractionConfig(proj_dim=256, seed=3)))
     b = list(extract_features(model, ITEMS[::-1], ExtractionConfig(proj_dim=256, seed=3)))[::-1]
     c = list(extract_features(model, ITEMS, ExtractionConfig(proj_dim=256, seed=4)))
@@ -224,7 +155,7 @@ def test_determinism_and_seed():
 
 
 def test_loss_weights_and_normalization():
-    model = tiny("qwen2")
+    model = tiny_model("qwen2")
     item = make_item(11, 35, 3)
     mean = next(extract_features(model, [item], ExtractionConfig(proj_dim=256)))
     summed = next(
@@ -252,7 +183,7 @@ def test_loss_weights_and_normalization():
 
 
 def test_factored_adam_matches_formula():
-    model = tiny("gpt2")
+    model = tiny_model("gpt2")
     tracked = tracked_modules(model)
     gen = torch.Generator().manual_seed(5)
     params = dict(model.named_parameters())
@@ -273,13 +204,13 @@ def test_factored_adam_matches_formula():
             mats[t.name] = g[t.param_name].T / (
                 (r.sqrt() + eps)[:, None] * (c.sqrt() + eps)[None, :]
             )
-        assert_close(f.trajectory, project(tracked, config, mats))
+        assert_close(f.trajectory, project_factorized(tracked, config, mats))
     with pytest.raises(TrajinfError, match="checkpoint_state"):
         list(extract_features(model, ITEMS[:1], config))
 
 
 def test_sparse_update_mask_rows_and_columns():
-    model_a, model_b = tiny("llama"), tiny("llama")
+    model_a, model_b = tiny_model("llama"), tiny_model("llama")
     tracked = tracked_modules(model_a)
     target = tracked[2]
     with torch.no_grad():
@@ -299,11 +230,11 @@ def test_sparse_update_mask_rows_and_columns():
     keep[3, :] = 0
     keep[3, 5] = 1  # row 3 x column 5
     mats[target.name] = mats[target.name] * keep
-    assert_close(f.trajectory, project(tracked, config, mats))
+    assert_close(f.trajectory, project_factorized(tracked, config, mats))
 
 
 def test_nonfinite_item_is_isolated():
-    model = tiny("llama")
+    model = tiny_model("llama")
     bad = make_item(20, 30)
     bad.input_ids[10] = VOCAB - 1
 
@@ -325,7 +256,7 @@ def test_nonfinite_item_is_isolated():
 
 
 def test_model_state_restored_and_hooks_removed():
-    model = tiny("lora")
+    model = tiny_model("lora")
     model.train()
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     list(extract_features(model, ITEMS[:2], ExtractionConfig(proj_dim=128)))
@@ -341,14 +272,14 @@ def test_model_state_restored_and_hooks_removed():
 
 
 def test_module_selection_and_config_errors():
-    llama = tiny("llama")
+    llama = tiny_model("llama")
     names = [t.name for t in tracked_modules(llama)]
     assert len(names) == 14 and not any("lm_head" in n or "embed" in n for n in names)
     assert [t.name for t in tracked_modules(llama, ["*.mlp.down_proj"])] == [
         "model.layers.0.mlp.down_proj",
         "model.layers.1.mlp.down_proj",
     ]
-    gpt2 = tracked_modules(tiny("gpt2"))
+    gpt2 = tracked_modules(tiny_model("gpt2"))
     assert len(gpt2) == 8 and all(t.transposed for t in gpt2)
     with pytest.raises(TrajinfError, match="modules"):
         tracked_modules(llama, ["nothing.*"])
@@ -360,7 +291,7 @@ def test_module_selection_and_config_errors():
 
 
 def test_item_without_actions_and_progress():
-    model = tiny("llama")
+    model = tiny_model("llama")
     empty = TokenizedTrajectory(
         "empty", np.arange(1, 21), np.zeros(20, bool), np.full(20, -1, np.int32), 0
     )

@@ -2,57 +2,25 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call, grad, vmap
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from grad_oracles import (
+    VOCAB,
+    flatten_grads,
+    reference_projection,
+    step_loss_grads,
+    tiny_model,
+)
+from grad_oracles import assert_close as _assert_close
 
-from trajinf.checkpoints import CheckpointState, wrap_lora
+from trajinf.checkpoints import CheckpointState
 from trajinf.errors import TrajinfError
 from trajinf.gradients import ExtractionConfig, extract_features, tracked_modules
-from trajinf.gradients.projection import DENSE_CHUNK_ROWS, DenseProjector, seeded_gaussian
+from trajinf.gradients.projection import DenseProjector
 from trajinf.tokenize import TokenizedTrajectory
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-VOCAB = 100
-
-
-def tiny(arch: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if arch == "gpt2":
-        model = GPT2LMHeadModel(
-            GPT2Config(
-                vocab_size=VOCAB,
-                n_embd=32,
-                n_layer=2,
-                n_head=4,
-                n_positions=128,
-                initializer_range=0.2,
-            )
-        )
-    else:
-        model = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=VOCAB,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                initializer_range=0.2,
-            )
-        )
-    if arch == "lora":
-        model = wrap_lora(model, rank=4)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name)))
-    return model.float().eval()
 
 
 def make_item(seed: int, length: int, n_steps: int = 3) -> TokenizedTrajectory:
@@ -68,35 +36,9 @@ def make_item(seed: int, length: int, n_steps: int = 3) -> TokenizedTrajectory:
     return TokenizedTrajectory(f"it{seed}", ids, action, step_ids, n_steps)
 
 
-def step_weight_rows(item: TokenizedTrajectory) -> torch.Tensor:
-    """[1 + S, T]: the whole item's weights, then each step's (all 1/n_action_tokens)."""
-    w = item.action_mask.astype(np.float32) / item.action_mask.sum()
-    steps = sorted(set(item.step_ids[item.step_ids >= 0]))
-    return torch.from_numpy(np.stack([w] + [w * (item.step_ids == s) for s in steps]))
-
-
 def reference_grads(model, item, names) -> torch.Tensor:
     """Exact flattened gradients [1 + S, N] of the item loss and each step's masked loss."""
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    ids = torch.from_numpy(item.input_ids)
-
-    def loss(p, w):
-        logits = functional_call(model, p, (ids.unsqueeze(0),), {"use_cache": False}).logits[0]
-        nll = F.pad(F.cross_entropy(logits[:-1], ids[1:], reduction="none"), (1, 0))
-        return (nll * w).sum()
-
-    grads = vmap(grad(loss), in_dims=(None, 0))(params, step_weight_rows(item))
-    return torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in names], dim=1)
-
-
-def reference_projection(names_numel, dim, seed) -> torch.Tensor:
-    """The full [N, D] matrix, assembled from the seeded per-parameter blocks."""
-    blocks = []
-    for name, numel in names_numel:
-        for c, start in enumerate(range(0, numel, DENSE_CHUNK_ROWS)):
-            rows = min(DENSE_CHUNK_ROWS, numel - start)
-            blocks.append(seeded_gaussian(rows, dim, 1 / math.sqrt(dim), "less", seed, name, c))
-    return torch.cat(blocks)
+    return flatten_grads(step_loss_grads(model, item, names, with_item=True), names)
 
 
 def moments(model, names, seed=1) -> CheckpointState:
@@ -111,20 +53,18 @@ ITEMS = [make_item(0, 30), make_item(1, 18, 2), make_item(2, 26, 4)]
 
 
 def assert_close(actual, expected, rtol=1e-4):
-    expected = np.asarray(expected)
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=1e-6 * np.abs(expected).max())
+    _assert_close(actual, expected, rtol=rtol, atol_floor=0.0)  # atol: 1e-6 x max |expected|
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "lora"])
 @pytest.mark.parametrize("precond", ["none", "adam"])
 def test_less_matches_reference(arch, precond):
-    model = tiny(arch)
+    model = tiny_model(arch)
     names = [t.param_name for t in tracked_modules(model)]
-    params = dict(model.named_parameters())
     state = moments(model, names)
     config = ExtractionConfig(mode="less", proj_dim=64, preconditioner=precond, seed=7)
     got = list(extract_features(model, ITEMS, config, checkpoint_state=state))
-    proj = reference_projection([(n, params[n].numel()) for n in names], 64, 7)
+    proj = reference_projection(model, names, 64, 7)
     m = torch.cat([state.exp_avg[n].reshape(-1) for n in names])
     v = torch.cat([state.exp_avg_sq[n].reshape(-1) for n in names])
     for it, f in zip(ITEMS, got, strict=True):
@@ -141,7 +81,7 @@ def test_less_matches_reference(arch, precond):
 
 
 def test_less_adam_steps_do_not_add_up():
-    model = tiny("lora")
+    model = tiny_model("lora")
     names = [t.param_name for t in tracked_modules(model)]
     config = ExtractionConfig(mode="less", proj_dim=64, preconditioner="adam")
     f = next(extract_features(model, ITEMS[:1], config, checkpoint_state=moments(model, names)))
@@ -151,7 +91,7 @@ def test_less_adam_steps_do_not_add_up():
 
 
 def test_less_batch_order_and_seed():
-    model = tiny("lora")
+    model = tiny_model("lora")
     config = ExtractionConfig(mode="less", proj_dim=128)
     a = list(extract_features(model, ITEMS, config))
     b = list(extract_features(model, ITEMS[::-1], config))[::-1]
@@ -167,7 +107,7 @@ def test_less_batch_order_and_seed():
 
 
 def test_less_elementwise_mask():
-    model = tiny("llama")
+    model = tiny_model("llama")
     tracked = tracked_modules(model)
     names = [t.param_name for t in tracked]
     params = dict(model.named_parameters())
@@ -179,12 +119,12 @@ def test_less_elementwise_mask():
         [mask[n].reshape(-1).float() if n in mask else torch.ones(params[n].numel()) for n in names]
     )
     g = reference_grads(model, ITEMS[0], names) * keep
-    proj = reference_projection([(n, params[n].numel()) for n in names], 64, 0)
+    proj = reference_projection(model, names, 64, 0)
     assert_close(f.trajectory, (g @ proj)[0].numpy())
 
 
 def test_less_nonfinite_item_is_isolated():
-    model = tiny("lora")
+    model = tiny_model("lora")
     bad = make_item(9, 20)
     bad.input_ids[5] = VOCAB - 1
     handle = model.get_input_embeddings().register_forward_hook(

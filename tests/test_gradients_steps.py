@@ -7,57 +7,28 @@ seeded P_out G P_in^T as the extractor.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call, grad, vmap
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from grad_oracles import (
+    VOCAB,
+    assert_close,
+    flatten_grads,
+    module_grads,
+    project_factorized,
+    reference_projection,
+    step_loss_grads,
+    tiny_model,
+)
 
 import trajinf.gradients.factorized as factorized
-from trajinf.checkpoints import wrap_lora
 from trajinf.errors import TrajinfError
 from trajinf.gradients import ExtractionConfig, extract_features, tracked_modules
 from trajinf.gradients.loss_split import capture_head_input
-from trajinf.gradients.projection import (
-    DENSE_CHUNK_ROWS,
-    factorized_k,
-    factorized_pair,
-    seeded_gaussian,
-)
 from trajinf.tokenize import TokenizedTrajectory
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-VOCAB = 100
 LOSS = dict(step_split="loss")
-
-
-def tiny(arch: str) -> torch.nn.Module:
-    """fp32 tiny Llama / GPT-2 (Conv1D) / LoRA-wrapped Llama; init std 0.2."""
-    torch.manual_seed(0)
-    if arch == "gpt2":
-        cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, initializer_range=0.2)
-        model = GPT2LMHeadModel(cfg)
-    else:
-        cfg = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            initializer_range=0.2,
-        )
-        model = LlamaForCausalLM(cfg)
-    if arch == "lora":
-        model = wrap_lora(model, rank=4)
-        with torch.no_grad():  # B starts at zero, which would make dL/dA vanish
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name)))
-    return model.float().eval()
 
 
 def make_item(
@@ -82,61 +53,6 @@ def make_item(
     return TokenizedTrajectory(f"it{seed}", ids, action, step_ids, n_steps, weights=w)
 
 
-def step_weight_rows(item: TokenizedTrajectory) -> torch.Tensor:
-    """[S, T]: each step's own token weights (the item's 1/n_action_tokens and `weights`)."""
-    w = item.action_mask.astype(np.float32) / item.action_mask.sum()
-    if item.weights is not None:
-        w = w * item.weights
-    steps = sorted(set(item.step_ids[item.step_ids >= 0]))
-    return torch.from_numpy(np.stack([w * (item.step_ids == s) for s in steps]))
-
-
-def exact_step_grads(model, item, names) -> dict[str, torch.Tensor]:
-    """Exact gradients of each step's own masked loss, {param name: [S, *shape]}."""
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    ids = torch.from_numpy(item.input_ids)
-
-    def loss(p, w):
-        logits = functional_call(model, p, (ids.unsqueeze(0),), {"use_cache": False}).logits[0]
-        nll = F.pad(F.cross_entropy(logits[:-1], ids[1:], reduction="none"), (1, 0))
-        return (nll * w).sum()
-
-    grads = vmap(grad(loss), in_dims=(None, 0))(params, step_weight_rows(item))
-    return {n: grads[n] for n in names}
-
-
-def project_factorized(tracked, config, grads) -> np.ndarray:
-    """[S, D]: P_out G_s P_in^T over modules (G_s in [out, in]; Conv1D stores [in, out])."""
-    k = factorized_k(config.proj_dim, len(tracked))
-    parts = []
-    for t in tracked:
-        p_in, p_out = factorized_pair(config.seed, t.name, k, t.in_features, t.out_features)
-        g = grads[t.param_name]
-        g = g.transpose(-1, -2) if t.transposed else g
-        parts.append((p_out @ g @ p_in.T).reshape(g.shape[0], k * k))
-    return torch.cat(parts, -1).numpy()
-
-
-def project_dense(model, names, grads, dim, seed) -> np.ndarray:
-    """[S, D]: LESS's dense projection of the flattened step gradients."""
-    params = dict(model.named_parameters())
-    blocks = []
-    for name in names:
-        numel = params[name].numel()
-        for c, start in enumerate(range(0, numel, DENSE_CHUNK_ROWS)):
-            rows = min(DENSE_CHUNK_ROWS, numel - start)
-            blocks.append(seeded_gaussian(rows, dim, 1 / math.sqrt(dim), "less", seed, name, c))
-    flat = torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in names], dim=1)
-    return (flat @ torch.cat(blocks)).numpy()
-
-
-def assert_close(actual, expected, rtol=1e-4):
-    expected = np.asarray(expected)
-    np.testing.assert_allclose(
-        actual, expected, rtol=rtol, atol=1e-6 * max(np.abs(expected).max(), 1e-3)
-    )
-
-
 ITEMS = [
     make_item(0, 40),
     make_item(1, 23, 2, weights=True),
@@ -147,14 +63,15 @@ ITEMS = [
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "lora"])
 def test_loss_split_equals_projected_own_loss_gradients(arch):
-    model = tiny(arch)
+    model = tiny_model(arch)
     tracked = tracked_modules(model)
     names = [t.param_name for t in tracked]
     config = ExtractionConfig(proj_dim=512, **LOSS)
     got = list(extract_features(model, ITEMS, config))
     position = list(extract_features(model, ITEMS, ExtractionConfig(proj_dim=512)))
     for it, f, p in zip(ITEMS, got, position, strict=True):
-        expected = project_factorized(tracked, config, exact_step_grads(model, it, names))
+        grads = module_grads(tracked, step_loss_grads(model, it, names))
+        expected = project_factorized(tracked, config, grads)
         assert f.finite and f.steps.shape == expected.shape
         assert_close(f.steps, expected)
         assert_close(f.steps.sum(0), f.trajectory, rtol=1e-5)
@@ -166,7 +83,7 @@ def test_loss_split_equals_projected_own_loss_gradients(arch):
 
 
 def test_splits_differ_when_later_steps_attend_to_earlier_ones():
-    model = tiny("llama")
+    model = tiny_model("llama")
     item = make_item(3, 40, 4)
     loss = next(extract_features(model, [item], ExtractionConfig(proj_dim=512, **LOSS)))
     pos = next(extract_features(model, [item], ExtractionConfig(proj_dim=512)))
@@ -179,7 +96,7 @@ def test_splits_differ_when_later_steps_attend_to_earlier_ones():
 
 
 def test_padding_and_batch_composition_invariance():
-    model = tiny("llama")
+    model = tiny_model("llama")
     target = make_item(7, 30, 3, weights=True)
     crowd = [make_item(8, 60, 5), target, make_item(9, 12, 1), make_item(10, 45, 2)]
     alone = next(extract_features(model, [target], ExtractionConfig(proj_dim=256, **LOSS)))
@@ -196,7 +113,7 @@ def test_padding_and_batch_composition_invariance():
 
 def test_head_shortcut_matches_backward_from_the_loss(monkeypatch):
     """The shared head backward (dL/dh masked per step) == per-step backwards from the nll."""
-    model = tiny("gpt2")
+    model = tiny_model("gpt2")
     config = ExtractionConfig(proj_dim=256, **LOSS)
     with capture_head_input(model, tracked_modules(model)) as head:
         model(torch.arange(1, 9).unsqueeze(0), use_cache=False)
@@ -214,23 +131,23 @@ def test_head_shortcut_matches_backward_from_the_loss(monkeypatch):
 
 def test_tracked_head_uses_per_step_backwards():
     """With lm_head tracked, its per-step output gradients still match the reference."""
-    model = tiny("llama")
+    model = tiny_model("llama")
     tracked = tracked_modules(model, ["*.mlp.down_proj", "lm_head"])
     assert tracked[-1].name == "lm_head"
     config = ExtractionConfig(proj_dim=256, modules=["*.mlp.down_proj", "lm_head"], **LOSS)
     f = next(extract_features(model, ITEMS[3:], config))
-    grads = exact_step_grads(model, ITEMS[3], [t.param_name for t in tracked])
-    assert_close(f.steps, project_factorized(tracked, config, grads))
+    grads = step_loss_grads(model, ITEMS[3], [t.param_name for t in tracked])
+    assert_close(f.steps, project_factorized(tracked, config, module_grads(tracked, grads)))
 
 
 def test_less_steps_share_the_definition():
     """LESS (preconditioner none) step features are the dense projection of the same grads."""
-    model = tiny("lora")
+    model = tiny_model("lora")
     tracked = tracked_modules(model)
     names = [t.param_name for t in tracked]
     less = next(extract_features(model, ITEMS[3:], ExtractionConfig(mode="less", proj_dim=64)))
-    grads = exact_step_grads(model, ITEMS[3], names)
-    assert_close(less.steps, project_dense(model, names, grads, 64, 0))
+    grads = flatten_grads(step_loss_grads(model, ITEMS[3], names), names)
+    assert_close(less.steps, (grads @ reference_projection(model, names, 64, 0)).numpy())
 
 
 def test_config_field():
@@ -239,11 +156,13 @@ def test_config_field():
     # LESS always computes the loss split; the manifest says so
     assert ExtractionConfig(mode="less").to_dict()["step_split"] == "loss"
     with pytest.raises(TrajinfError, match="step_split"):
-        list(extract_features(tiny("llama"), ITEMS[:1], ExtractionConfig(step_split="tokens")))
+        list(
+            extract_features(tiny_model("llama"), ITEMS[:1], ExtractionConfig(step_split="tokens"))
+        )
 
 
 def test_item_without_steps_in_a_batch():
-    model = tiny("llama")
+    model = tiny_model("llama")
     empty = TokenizedTrajectory(
         "empty", np.arange(1, 21), np.zeros(20, bool), np.full(20, -1, np.int32), 0
     )
