@@ -95,6 +95,10 @@ def select_to_file(
     seed: int = 0,
     drop_zero_variance: bool = False,
     dedup: float | None = None,
+    prior: str | None = None,
+    combine: str | None = None,
+    env: str | None = None,
+    weight_mode: str = "binary",
 ) -> Selection:
     """Select from a scored pool and write the selection (with step weights) as JSONL.
 
@@ -102,6 +106,10 @@ def select_to_file(
     equal; ``dedup`` (a cosine threshold) then keeps one trajectory per near-duplicate cluster
     of stored features (the highest-scored). Both filters run before the budget is applied;
     ``sel.info["filters"]`` says how much each removed.
+    ``prior`` (a name in ``trajinf.priors.PRIORS``) computes per-step prior values on the pool
+    (``env``: an env name, for priors that replay trajectories); ``combine`` ("product" or
+    "rank") combines them with the influence step scores of ``scores_dir``. The resulting
+    values drive ``step_weights`` (``weight_mode`` binary or soft) and the "prior" method.
     """
     if not 0 < fraction <= 1:
         raise TrajinfError(f"--fraction must be in (0, 1], got {fraction}")
@@ -114,6 +122,13 @@ def select_to_file(
             f"({len(missing)} ids differ, e.g. '{sorted(map(str, missing))[0]}')"
         )
     kept, filters = _prefilter(trajs, scores, Path(scores_dir), drop_zero_variance, dedup)
+    values = None
+    if prior is not None:
+        values = prior_step_values(prior, trajs, env=env, combine=combine, step_scores=steps)
+    elif combine is not None:
+        raise TrajinfError("--combine needs --prior NAME (the prior to combine influence with)")
+    elif method == "prior":
+        raise TrajinfError("--method prior needs --prior NAME")
     sel = select(
         method,
         kept,
@@ -124,11 +139,42 @@ def select_to_file(
         drop_harmful=drop_harmful,
         step_weights=step_weights,
         seed=seed,
+        step_values=values,
+        weight_mode=weight_mode,
     )
     sel.info["filters"] = filters
+    if prior is not None:
+        sel.info["prior"] = {"name": prior, "combine": combine, "env": env}
     by_id = {t.id: t for t in trajs}
     write_pool([by_id[i] for i in sel.ids], out, step_weights=sel.step_weights)
     return sel
+
+
+def prior_step_values(
+    prior: str,
+    trajs: list,
+    *,
+    env: str | None = None,
+    combine: str | None = None,
+    step_scores: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """Per-step values (id, step, value) of ``prior`` on ``trajs``, optionally combined
+    ("product" or "rank") with influence ``step_scores`` (id, step, score)."""
+    from trajinf.envs import make_env
+    from trajinf.priors import combine_steps, step_prior
+
+    if combine is not None and combine not in ("product", "rank"):
+        raise TrajinfError(f"--combine must be product or rank, got '{combine}'")
+    if combine is not None and step_scores is None:
+        raise TrajinfError("--combine needs influence step scores (step_scores.parquet)")
+    env_obj = make_env(env) if env else None
+    try:
+        values = step_prior(prior, trajs, env=env_obj)
+    finally:
+        close = getattr(env_obj, "close", None)
+        if callable(close):
+            close()
+    return values if combine is None else combine_steps(step_scores, values, how=combine)
 
 
 def _prefilter(trajs, scores: pd.DataFrame, scores_dir: Path, zero_variance: bool, dedup):

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from trajinf.errors import TrajinfError
+from trajinf.priors.combine import trajectory_prior, weights_from_steps
 from trajinf.scoring import (
     Directions,
     PoolSource,
@@ -26,7 +27,9 @@ from trajinf.scoring import (
 )
 from trajinf.store import FeatureStore
 
-METHODS = ("influence", "random", "full", "success", "rds", "loss", "gradnorm", "length")
+METHODS = (
+    "influence", "random", "full", "success", "rds", "loss", "gradnorm", "length", "prior",
+)  # fmt: skip
 # statistics column each ranking baseline reads (first present wins); higher = picked first.
 _STAT_COLUMNS = {
     "rds": ("rds",),
@@ -179,20 +182,29 @@ def select(
     step_weights: bool = False,
     seed: int = 0,
     statistics: pd.DataFrame | None = None,
+    step_values: pd.DataFrame | None = None,
+    weight_mode: str = "binary",
 ) -> Selection:
     """Choose ``ceil(fraction * N)`` trajectories of ``pool`` by ``method``.
 
     influence: highest score first. random: uniform. full: everything (fraction ignored).
     success: successes only, a random subset if more than k. rds / loss / gradnorm / length:
     highest ``statistics`` value first (columns rds, loss, grad_norm, length; loss and length
-    fall back to the pool table's loss / n_action_tokens). ``drop_harmful`` removes ids whose
-    ``harmful`` score column is true before choosing; ``step_weights`` gives every chosen
-    trajectory weights [max step + 1] with 0 on negative-score steps (1 elsewhere).
+    fall back to the pool table's loss / n_action_tokens). prior: highest mean of the
+    trajectory's finite ``step_values`` first (``trajinf.priors.trajectory_prior``).
+    ``drop_harmful`` removes ids whose ``harmful`` score column is true before choosing.
+    ``step_weights`` gives every chosen trajectory per-step weights: from ``step_values``
+    (id, step, value: a step prior or a combination) when given, else from the influence step
+    scores with 0 on negative-score steps (1 elsewhere); ``weight_mode`` "binary" or "soft"
+    as in ``trajinf.priors.weights_from_steps``. Lists have one entry per step when ``pool``
+    holds Trajectory objects, else max step + 1.
     """
     if method not in METHODS:
         raise TrajinfError(f"select: method '{method}' not in {METHODS}")
     if not 0 < fraction <= 1:
         raise TrajinfError(f"select: fraction must be in (0, 1], got {fraction}")
+    if weight_mode not in ("binary", "soft"):
+        raise TrajinfError(f"select: weight_mode must be binary or soft, got {weight_mode!r}")
     frame = pool_frame(pool)
     n = len(frame)
     k = math.ceil(fraction * n)
@@ -221,12 +233,28 @@ def select(
         succ = ids[frame["success"].fillna(False).astype(bool).to_numpy()]
         chosen = succ[np.sort(rng.permutation(len(succ))[:k])] if len(succ) > k else succ
         info["budget_met"] = len(chosen) == k
+    elif method == "prior":
+        if step_values is None:
+            raise TrajinfError("select: method 'prior' needs step_values (id, step, value)")
+        prior = trajectory_prior(step_values)
+        chosen = _ranked(ids, prior.set_index("id")["value"], "prior value")[:k]
     else:
         chosen = _ranked(ids, _statistic(method, frame, statistics), method)[:k]
     info["n_selected"] = len(chosen)
     weights = None
     if step_weights:
-        weights = _step_weights(chosen, scores, step_scores)
+        n_steps = None
+        if not isinstance(pool, FeatureStore | pd.DataFrame):
+            n_steps = {str(t.id): len(t.steps()) for t in pool if hasattr(t, "steps")}
+        if step_values is not None:
+            weights = weights_from_steps(step_values, chosen, mode=weight_mode, n_steps=n_steps)
+        elif weight_mode == "soft":
+            steps = scores.steps if isinstance(scores, ScoreResult) else step_scores
+            if steps is None:
+                raise TrajinfError("select: step_weights needs step scores")
+            weights = weights_from_steps(steps, chosen, mode="soft", n_steps=n_steps)
+        else:
+            weights = _step_weights(chosen, scores, step_scores)
     return Selection([str(i) for i in chosen], weights, info)
 
 

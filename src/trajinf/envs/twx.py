@@ -140,6 +140,22 @@ class TwxEnv:
         self._task = None  # the draws above replaced any live episode
         return [t for t in out if t is not None]
 
+    def make_task(self, game: str, seed: int, split: str = "train") -> Task:
+        """The task of ``game`` with simulator ``seed`` in ``split``'s fold (what ``tasks``
+        draws), e.g. to rebuild a recorded trajectory's task from its meta."""
+        if split not in FOLDS:
+            raise TrajinfError(f"twx.make_task field 'split': expected one of {tuple(FOLDS)}")
+        if game not in self.games:
+            raise TrajinfError(f"twx.make_task field 'game': {game!r} not in {self.games}")
+        self._load(game)
+        _, infos = self._env.reset(seed=seed, gameFold=FOLDS[split], generateGoldPath=True)
+        gold = [_clean(a) for a in self._env.getGoldActionSequence()]
+        data = {"game": game, "params": self.params[game], "fold": FOLDS[split], "gold": gold,
+                "max_steps": len(gold) + self.slack}  # fmt: skip
+        self._task = None  # the reset above replaced any live episode
+        return Task(id=f"{game}-{seed}", family=game, split=split, seed=seed,
+                    goal=infos["taskDescription"].strip(), data=data)  # fmt: skip
+
     def reset(self, task: Task) -> str:
         """Start ``task``: the first observation is the task description plus the room."""
         self._load(task.data["game"], task.data.get("params"))
