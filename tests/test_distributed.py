@@ -170,3 +170,55 @@ def test_cli_distributed_via_torchrun_matches_single_process(job, tmp_path):
                            timeout=300)  # fmt: skip
         assert r.returncode == 0, r.stderr[-2000:]
     assert tree_bytes(tmp_path / "one" / "store") == tree_bytes(tmp_path / "two" / "store")
+
+
+def test_huge_gradients_are_kept_and_nonfinite_listed(job, tmp_path, monkeypatch):
+    """An item whose features exceed float16's range (TWX self rollouts reach ~8e4) is stored
+    scaled and scored; one with a NaN feature is zeroed, listed with its id and skipped."""
+    import trajinf.extract_shards as ex
+    from trajinf.pipeline import nonfinite_ids
+    from trajinf.store import FeatureStore
+
+    real = ex.extract_features
+    big_id, nan_id = (t.id for t in load_pool(job / "pool.jsonl")[:2])
+
+    def blown_up(model, tokens, config, **kw):
+        for f in real(model, tokens, config, **kw):
+            if f.id == big_id:
+                f.trajectory, f.steps = f.trajectory * 1e6, f.steps * 1e6
+            elif f.id == nan_id:
+                f.steps = f.steps.copy()
+                f.steps[0, 0] = np.nan
+            yield f
+
+    monkeypatch.setattr(ex, "extract_features", blown_up)
+    with pytest.warns(UserWarning, match=f"item {nan_id}: non-finite features"):
+        extract_job(job / "model", job / "pool.jsonl", tmp_path / "o", config=job_config())
+    got = FeatureStore.open(tmp_path / "o" / "store" / "pool")
+    ref = FeatureStore.open(job / "single" / "store" / "pool")
+    assert nonfinite_ids(got) == [nan_id]
+    rows = got.items.index[got.items["id"] == big_id].to_numpy()
+    big, small = got.features(0, rows), ref.features(0, rows)
+    assert np.abs(big).max() > 65504 and np.isfinite(big).all()
+    np.testing.assert_allclose(big, small * 1e6, rtol=2e-3)  # float16 rounding of each
+    assert not got.features(0, got.items.index[got.items["id"] == nan_id].to_numpy()).any()
+
+
+def test_cli_extract_step_split_is_reused_by_score(job, tmp_path):
+    """`extract --step-split loss` records the split in the store fingerprint, so `score` with
+    the same options reuses the stores instead of failing on a mismatch."""
+    import json
+
+    args = ["--model", str(job / "model"), "--pool", str(job / "pool.jsonl"),
+            "--target", str(job / "target.jsonl"), "--proj-dim", "64", "--step-split", "loss",
+            "--out", str(tmp_path / "j")]  # fmt: skip
+    r = subprocess.run([sys.executable, "-m", "trajinf", "extract", *args],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    manifest = json.loads((tmp_path / "j" / "store" / "pool" / "manifest.json").read_text())
+    assert manifest["extraction"]["step_split"] == "loss"
+    before = tree_bytes(tmp_path / "j" / "store")
+    r = subprocess.run([sys.executable, "-m", "trajinf", "score", *args],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert tree_bytes(tmp_path / "j" / "store") == before  # reused, not re-extracted

@@ -293,3 +293,40 @@ def test_score_stores_matches_arrays(tmp_path):
                    s["owner"], lr, lambda i: {})  # fmt: skip
     with pytest.raises(StoreMismatchError, match="dim"):
         score_stores(pool, other, ScoreConfig())
+
+
+@pytest.mark.parametrize(
+    "metric, remove_mean, pre", [("cosine", True, "gram"), ("inner", False, "none")]
+)
+def test_workers_give_identical_scores_and_top_k(tmp_path, metric, remove_mean, pre):
+    """Blocks scored on a thread pool: bit-identical to the serial path (scores, steps,
+    directions) and the same streaming top-k."""
+    s = synth(3, n=40, d=16, c=2, m=6)
+    lr = [1e-3, 3e-3]
+    pool = _write(tmp_path / "p", s["traj"], s["steps"], s["owner"], lr, lambda i: {})
+    no = np.zeros(0, int)
+    target = _write(tmp_path / "t", s["target"], [np.zeros((0, 16))] * 2, no, lr,
+                    lambda j: {"subtask": s["subtasks"][j]})  # fmt: skip
+    kw = dict(metric=metric, remove_mean=remove_mean, preconditioner=pre, chunk_rows=7)
+    serial = score_stores(pool, target, ScoreConfig(**kw))
+    for workers in (2, 4):
+        par = score_stores(pool, target, ScoreConfig(**kw, workers=workers))
+        pd.testing.assert_frame_equal(par.trajectories, serial.trajectories)
+        pd.testing.assert_frame_equal(par.steps, serial.steps)
+        for a, b in zip(par.directions.vectors, serial.directions.vectors, strict=True):
+            np.testing.assert_array_equal(a, b)
+        pd.testing.assert_frame_equal(
+            top_k(pool, target, ScoreConfig(**kw, workers=workers), 5),
+            top_k(pool, target, ScoreConfig(**kw), 5),
+        )
+    with pytest.raises(TrajinfError, match="'workers'"):
+        ScoreConfig(workers=0)
+
+
+def test_cli_score_has_workers_option():
+    from typer.testing import CliRunner
+
+    from trajinf.cli import app
+
+    out = CliRunner().invoke(app, ["score", "--help"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0 and "--workers" in out.output

@@ -37,15 +37,18 @@ def _features(model, items, config) -> np.ndarray:
     return np.stack([f.trajectory for f in feats]).astype(np.float32)  # [N, D]
 
 
-def run(setup: PeerSetup, workdir, mode: str) -> list[tuple[str, MethodResult]]:
-    """Extract once in ``mode`` ("factorized" | "less"), then score several ways."""
+def run(
+    setup: PeerSetup, workdir, mode: str, proj_dim: int | None = None
+) -> list[tuple[str, MethodResult]]:
+    """Extract once in ``mode`` ("factorized" | "less"), then score several ways.
+    ``proj_dim`` overrides the harness-wide dimension (the row names then say so)."""
     from trajinf.gradients import ExtractionConfig
     from trajinf.scoring import ScoreConfig, score_features
 
     model = setup.fresh_model()
     cfg = ExtractionConfig(
         mode=mode,
-        proj_dim=setup.proj_dim,
+        proj_dim=proj_dim or setup.proj_dim,
         seed=0,
         preconditioner="none",
         loss_normalization="mean",
@@ -56,24 +59,33 @@ def run(setup: PeerSetup, workdir, mode: str) -> list[tuple[str, MethodResult]]:
         f_train = _features(model, train_items, cfg)
     with sw("query_features"):
         f_query = _features(model, query_items, cfg)
-    variants = [("inner", "none"), ("cosine", "none")]
+    variants = [("inner", "none", 0.0), ("cosine", "none", 0.0)]
     if mode == "factorized":
-        variants.append(("inner", "gram"))
+        # damping relative to the mean eigenvalue: with n_train < D the pool covariance is
+        # rank-deficient, so the damping decides how much the inverse amplifies noise
+        variants += [("inner", "gram", 1e-3), ("inner", "gram", 0.1), ("inner", "gram", 1.0)]
     out = []
     qids = list(setup.query.ids)
-    for metric, precond in variants:
+    for metric, precond, damping in variants:
         sc = Stopwatch()
         with sc("score"):
             res = score_features(
                 f_train,
                 f_query,
-                ScoreConfig(metric=metric, preconditioner=precond, aggregate="max"),
+                ScoreConfig(
+                    metric=metric,
+                    preconditioner=precond,
+                    aggregate="max",
+                    damping=damping or 1e-3,
+                ),
                 subtasks=qids,
                 ids=list(setup.train.ids),
             )
             table = res.trajectories.set_index("id").loc[list(setup.train.ids)]
             scores = np.stack([table[f"score_{q}"].to_numpy() for q in qids], axis=1)
-        name = f"trajinf {mode} {metric}" + (" +gram" if precond == "gram" else "")
+        name = f"trajinf {mode}{f' D~{proj_dim}' if proj_dim else ''} {metric}" + (
+            f" +gram(d={damping:g})" if precond == "gram" else ""
+        )
         out.append(
             (
                 name,

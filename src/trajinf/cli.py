@@ -37,6 +37,14 @@ class Method(StrEnum):
     loss = "loss"
     gradnorm = "gradnorm"
     length = "length"
+    prior = "prior"
+
+
+STEP_SPLIT_HELP = (
+    "Per-step features (factorized mode): position (gradient through the step's positions; one "
+    "backward) or loss (each step's own loss: what a step weight acts on; one backward per "
+    "step, ~4x)."
+)
 
 
 @app.callback()
@@ -75,12 +83,7 @@ def score(
     mode: Mode = typer.Option(Mode.factorized, help="factorized (fast) or less (reference)."),
     proj_dim: int = typer.Option(8192, help="Total projected feature dimension."),
     lora: bool = typer.Option(False, help="Wrap a plain model in a fresh LoRA and track only it."),
-    step_split: str = typer.Option(
-        "position",
-        help="Per-step features (factorized mode): position (gradient through the step's "
-        "positions; one backward) or loss (each step's own loss: what a step weight acts on; "
-        "one backward per step, ~4x).",
-    ),
+    step_split: str = typer.Option("position", help=STEP_SPLIT_HELP),
     preconditioner: str = typer.Option(
         "auto",
         help="auto|none|adam|factored_adam (auto: adam in less mode, factored_adam in "
@@ -104,6 +107,9 @@ def score(
         "them by more than --update-mask-threshold (where fine-tuning/RL updates land).",
     ),
     update_mask_threshold: float = typer.Option(1e-5, help="Sparse update mask threshold."),
+    workers: int = typer.Option(
+        1, help="Threads scoring blocks of pool rows in parallel (scores identical to 1)."
+    ),
 ) -> None:
     """Score every pool trajectory and step against the target.
 
@@ -130,6 +136,7 @@ def score(
         seed=seed,
     )
     cfg.trust_remote_code = trust_remote_code
+    cfg.scoring.workers = workers
     if update_mask_from:
         if len(update_mask_from) != 2:
             raise TrajinfError("--update-mask-from needs exactly two checkpoint dirs")
@@ -161,6 +168,16 @@ def select(
     dedup: float = typer.Option(
         None, help="Keep one trajectory per near-duplicate cluster (feature cosine >= this)."
     ),
+    prior: str = typer.Option(
+        None,
+        help="Step prior for step weights and --method prior: branch, group_variance, "
+        "expert_aligned, tool_call.",
+    ),
+    combine: str = typer.Option(
+        None, help="Combine the prior with influence step scores: product or rank."
+    ),
+    env: str = typer.Option(None, help="Env for priors that replay trajectories (toolworld, twx)."),
+    weight_mode: str = typer.Option("binary", help="Step weights: binary (0/1) or soft [0, 1]."),
     out: Path = typer.Option(..., help="Selected trajectories, written in the input format."),
 ) -> None:
     """Select a subset (and per-step weights) and write it back in the input format.
@@ -168,6 +185,8 @@ def select(
     Example:
       trajinf select --scores scores/ --pool pool.jsonl --fraction 0.05 --drop-harmful \\
           --step-weights --out selected.jsonl
+      trajinf select --scores scores/ --pool pool.jsonl --method prior --prior expert_aligned \\
+          --env toolworld --combine rank --step-weights --out selected.jsonl
     """
     from trajinf.api import select_to_file
 
@@ -182,6 +201,10 @@ def select(
         seed=seed,
         drop_zero_variance=drop_zero_variance,
         dedup=dedup,
+        prior=prior,
+        combine=combine,
+        env=env,
+        weight_mode=weight_mode,
     )
     if sel.info.get("filters"):
         console.print(f"filters: {sel.info['filters']}")
@@ -207,6 +230,8 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from trajinf import (
+        cli_bench,  # noqa: F401  (registers the bench group)
+        cli_bench_perf,  # noqa: F401
         cli_env,  # noqa: F401  (registers rollout/train/eval/demo verbs)
         cli_extract,  # noqa: F401  (registers the extract verb)
     )

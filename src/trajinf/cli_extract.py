@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from trajinf.cli import Mode, app, console, progress_bars
+from trajinf.cli import STEP_SPLIT_HELP, Mode, app, console, progress_bars
 
 
 def _forwarded(params: dict) -> list[str]:
@@ -37,6 +37,7 @@ def extract(
     mode: Mode = typer.Option(Mode.factorized, help="factorized (fast) or less (reference)."),
     proj_dim: int = typer.Option(8192, help="Total projected feature dimension."),
     lora: bool = typer.Option(False, help="Wrap a plain model in a fresh LoRA and track only it."),
+    step_split: str = typer.Option("position", help=STEP_SPLIT_HELP),
     preconditioner: str = typer.Option("auto", help="auto|none|adam|factored_adam."),
     subtask_field: str = typer.Option("task_id", help="Field naming a trajectory's subtask."),
     max_length: int = typer.Option(2048, help="Max tokens; longer trajectories lose early steps."),
@@ -89,6 +90,7 @@ def extract(
         max_length=max_length,
         seed=seed,
         batch_tokens=batch_tokens,
+        step_split=step_split,
     )
     cfg.shard_items = shard_items
     cfg.device = device
