@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -330,3 +331,81 @@ def test_cli_score_has_workers_option():
 
     out = CliRunner().invoke(app, ["score", "--help"], env={"COLUMNS": "200"})
     assert out.exit_code == 0 and "--workers" in out.output
+
+
+def _many_shard_store(path, n=50, d=8, shard=40, seed=11, dup=None):
+    """One-checkpoint store of n trajectories with 0-2 steps each, in shards of ``shard`` rows;
+    trajectory 7 is non-finite; ``dup=(i, j)`` gives trajectory j the id of trajectory i."""
+    rng = np.random.default_rng(seed)
+    fs = FeatureStore.create(path, fingerprint={"model_fingerprint": "m"}, dim=d,
+                             checkpoints=[{"path": "c0", "lr": 1.0}])  # fmt: skip
+    rows = []
+    for i in range(n):
+        name = f"t{dup[0]}" if dup and i == dup[1] else f"t{i}"
+        rows += [{"id": name, "step": s, "finite": i != 7} for s in range(-1, int(rng.integers(3)))]
+    df = pd.DataFrame(rows)
+    feats = rng.standard_normal((len(df), d)).astype(np.float32)
+    feats[(df["id"] == "t7").to_numpy()] = 0.0
+    for a in range(0, len(df), shard):
+        fs.append(df.iloc[a : a + shard], [feats[a : a + shard]])
+    return FeatureStore.open(path)
+
+
+@pytest.mark.parametrize("chunk, workers", [(4, 1), (13, 2), (1000, 1)])
+def test_store_top_k_streams_rows_and_reads_ids_of_winners_only(
+    tmp_path, monkeypatch, chunk, workers
+):
+    """Top-k from a store scans row numbers and scores (blocks crossing shards), reads no
+    items table whole and no per-row frame, maps only the k winners to ids, and returns
+    exactly what the PoolSource path returns."""
+    import trajinf.scoring as scoring
+
+    store = _many_shard_store(tmp_path / "p")
+    assert len(store.shards(0)) >= 3
+    rng = np.random.default_rng(0)
+    dirs = target_directions(rng.standard_normal((3, 8)).astype(np.float32), ScoreConfig(),
+                             subtasks=["a", "b", "a"])  # fmt: skip
+    cfg = ScoreConfig(chunk_rows=chunk, workers=workers)
+    expect = {k: top_k(PoolSource.from_store(FeatureStore.open(store.path)), dirs, cfg, k)
+              for k in (1, 5, 60)}  # fmt: skip
+    asked = []
+    real_ids = scoring.store_ids
+    monkeypatch.setattr(scoring, "store_ids", lambda s, r: asked.append(len(r)) or real_ids(s, r))
+    monkeypatch.setattr(PoolSource, "from_store", lambda s: pytest.fail("PoolSource built"))
+    monkeypatch.setattr(FeatureStore, "items", property(lambda s: pytest.fail("items read")))
+    for k, want in expect.items():
+        got = top_k(store, dirs, cfg, k)
+        pd.testing.assert_frame_equal(got, want)
+    assert "t7" not in got["id"].tolist() and len(got) == 49  # non-finite never selected
+    assert asked == [1, 5, 49]  # ids looked up for the winners only
+    assert all(store._parts.loaded(s) is None for s in store._parts)  # no table read whole
+
+
+def test_store_top_k_with_a_repeated_id_matches_pool_source(tmp_path):
+    """A later trajectory row repeating an earlier id is not scored by PoolSource.from_store
+    (first row wins); the streaming path must give the same top-k, also when that row would
+    have won."""
+    rng = np.random.default_rng(1)
+    dirs = target_directions(rng.standard_normal((2, 8)).astype(np.float32), ScoreConfig())
+    for dup in [(3, 40), (40, 3)]:
+        store = _many_shard_store(tmp_path / f"p{dup[1]}", dup=dup)
+        for k in (1, 3, 49):
+            want = top_k(
+                PoolSource.from_store(FeatureStore.open(store.path)), dirs, ScoreConfig(), k
+            )
+            pd.testing.assert_frame_equal(top_k(store, dirs, ScoreConfig(), k), want)
+
+
+def test_store_reads_leave_no_shard_mapped(tmp_path):
+    """Each read maps its shard and unmaps it after: pages read stay out of RSS, whatever
+    the store's size (a map kept per shard held every page ever read)."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc/self/maps (Linux)")
+    store = _many_shard_store(tmp_path / "p")
+    rows = np.arange(store.manifest["n_rows"])
+    full = store.features(0, rows)
+    assert "features-" not in maps.read_text()
+    np.testing.assert_array_equal(full[::-1], store.features(0, rows[::-1]))
+    np.testing.assert_array_equal(np.concatenate([b for _, b in store.iter_chunks(0, 7)]), full)
+    assert "features-" not in maps.read_text()

@@ -37,6 +37,7 @@ from trajinf.pipeline_steps import (  # noqa: F401  (public here too)
     write_parquet,
 )
 from trajinf.scoring import ScoreConfig, ScoreResult, score_stores, top_k
+from trajinf.scoring_source import store_nonfinite_ids
 from trajinf.selection import harmful_flags, null_scores
 from trajinf.store import FeatureStore
 from trajinf.tokenize import TokenizedTrajectory
@@ -227,7 +228,10 @@ def score_pool(
         "n_pool": len(pool_trajs),
         "n_target": len(ext.target),
         "dropped_steps": int(sum(t.dropped_steps for t in pool_tok)),
-        "nonfinite": nonfinite_ids(pool_store),
+        # top_k keeps no per-row table of the pool: its non-finite ids come from a row scan
+        "nonfinite": nonfinite_ids(pool_store)
+        if top_k is None
+        else store_nonfinite_ids(pool_store),
         "nonfinite_target": nonfinite_ids(target_store),
     }
     if top_k is not None:

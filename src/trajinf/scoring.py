@@ -32,6 +32,7 @@ import pandas as pd
 from trajinf.errors import TrajinfError
 from trajinf.scoring_directions import (  # noqa: F401  (public here too)
     Directions,
+    _check_pair,
     _target_inputs,
     directions_from_stores,
     group_advantages,
@@ -42,6 +43,8 @@ from trajinf.scoring_source import (  # noqa: F401  (public here too)
     PoolSource,
     ScoreConfig,
     ordered_map,
+    store_ids,
+    store_trajectory_rows,
 )
 from trajinf.store import FeatureStore
 
@@ -58,7 +61,7 @@ class ScoreResult:
 
 
 def _dots(
-    pool: PoolSource,
+    pool: PoolSource | FeatureStore,
     dirs: list[np.ndarray],
     mean: list[np.ndarray] | None,
     rows: np.ndarray,
@@ -66,10 +69,30 @@ def _dots(
     c: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Centered features x [n, D] of ``rows`` at checkpoint c and their dots [n, V] with dirs."""
-    x = pool.read(c, rows)
+    x = pool.features(c, rows) if isinstance(pool, FeatureStore) else pool.read(c, rows)
     if mean is not None:
         x = x - (mean[c] if share is None else share[:, None] * mean[c])
     return x @ dirs[c].T, x
+
+
+def _traj_scores(
+    pool: PoolSource | FeatureStore,
+    rows: np.ndarray,
+    directions: Directions,
+    config: ScoreConfig,
+    vectors: list[np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """(per-direction scores float32 [n, V], norms [n, C]) of trajectory ``rows``."""
+    n_ckpt = len(vectors)
+    total = np.zeros((len(rows), vectors[0].shape[0]), np.float32)
+    norms = np.ones((len(rows), n_ckpt), np.float32)
+    for c in range(n_ckpt):
+        dot, x = _dots(pool, vectors, directions.pool_mean, rows, None, c)
+        if config.metric == "cosine":
+            norms[:, c] = np.linalg.norm(x, axis=1)
+            dot /= np.where(norms[:, c] > 0, norms[:, c], 1.0)[:, None]
+        total += directions.lr[c] * dot
+    return total, norms
 
 
 def traj_blocks(
@@ -81,14 +104,7 @@ def traj_blocks(
 
     def block(a: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         pos = np.arange(a, min(n, a + config.chunk_rows))
-        total = np.zeros((len(pos), vectors[0].shape[0]), np.float32)
-        norms = np.ones((len(pos), pool.n_ckpt), np.float32)
-        for c in range(pool.n_ckpt):
-            dot, x = _dots(pool, vectors, directions.pool_mean, pool.traj_rows[pos], None, c)
-            if config.metric == "cosine":
-                norms[:, c] = np.linalg.norm(x, axis=1)
-                dot /= np.where(norms[:, c] > 0, norms[:, c], 1.0)[:, None]
-            total += directions.lr[c] * dot
+        total, norms = _traj_scores(pool, pool.traj_rows[pos], directions, config, vectors)
         return pos, total, norms
 
     # blocks are the same for any number of workers and come back in order: identical scores
@@ -238,19 +254,72 @@ def top_k(
     k: int,
 ) -> pd.DataFrame:
     """The ``k`` best-scoring trajectories (id, score; descending, ties by position) without
-    holding all N scores: memory is one block plus k. ``directions`` may be a target store."""
-    src = PoolSource.from_store(pool) if isinstance(pool, FeatureStore) else pool
+    holding all N scores: memory is one block plus k. ``directions`` may be a target store.
+
+    From a store the scan reads one shard's ``step`` column and row flags at a time and keeps
+    row numbers and scores of the running top k; ids are read for the k winners only, so
+    memory does not grow with the pool (except with ``remove_mean`` or ``gram`` from a target
+    store, whose pool pass builds a :class:`PoolSource`)."""
     if isinstance(directions, FeatureStore):
         if not isinstance(pool, FeatureStore):
             raise TrajinfError("top_k: pass Directions for an in-memory pool")
-        directions = directions_from_stores(pool, directions, config)
+        directions = _store_directions(pool, directions, config)
+    if isinstance(pool, FeatureStore) and not pool.is_view:
+        top = _top_k_rows(pool, directions, config, k)
+        if top is not None:
+            return top
+    src = PoolSource.from_store(pool) if isinstance(pool, FeatureStore) else pool
     best_s = np.zeros(0, np.float32)
     best_p = np.zeros(0, np.int64)
     for pos, total, _ in traj_blocks(src, directions, config, directions.vectors):
         s, _ = _aggregate(total[:, None, :], config.aggregate)
         s = np.where(src.finite[pos], s[:, 0], -np.inf)
-        cand_s, cand_p = np.concatenate([best_s, s]), np.concatenate([best_p, pos])
-        order = np.lexsort((cand_p, -cand_s))[:k]
-        best_s, best_p = cand_s[order], cand_p[order]
+        best_s, best_p = _merge_top(best_s, best_p, s, pos, k)
     keep = np.isfinite(best_s)
     return pd.DataFrame({"id": src.ids[best_p[keep]], "score": best_s[keep]})
+
+
+def _merge_top(
+    best_s: np.ndarray, best_p: np.ndarray, s: np.ndarray, pos: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of the running top and a new block (score descending, then position)."""
+    cand_s, cand_p = np.concatenate([best_s, s]), np.concatenate([best_p, pos])
+    order = np.lexsort((cand_p, -cand_s))[:k]
+    return cand_s[order], cand_p[order]
+
+
+def _store_directions(pool: FeatureStore, target: FeatureStore, config: ScoreConfig) -> Directions:
+    """:func:`directions_from_stores`, without its pool pass when the config needs none (no
+    ``remove_mean``, no ``gram``): that pass builds a :class:`PoolSource` of every pool row."""
+    if config.remove_mean or config.preconditioner == "gram":
+        return directions_from_stores(pool, target, config)
+    _check_pair(pool, target)
+    # prepare_directions returns the raw directions unchanged under this config
+    return target_directions(
+        config=config, lr=pool.learning_rates, **_target_inputs(target, config, None)
+    )
+
+
+def _top_k_rows(
+    store: FeatureStore, directions: Directions, config: ScoreConfig, k: int
+) -> pd.DataFrame | None:
+    """Streaming top k over a store's trajectory rows (same blocks, scores and ties as over
+    ``PoolSource.from_store``, positions being row numbers in the same order); None when a
+    winner's id also has an earlier trajectory row (from_store would have dropped the row)."""
+
+    def block(item: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        rows, finite = item
+        total, _ = _traj_scores(store, rows, directions, config, directions.vectors)
+        s, _ = _aggregate(total[:, None, :], config.aggregate)
+        return rows, np.where(finite, s[:, 0], -np.inf)
+
+    best_s = np.zeros(0, np.float32)
+    best_p = np.zeros(0, np.int64)
+    blocks = store_trajectory_rows(store, config.chunk_rows)
+    for rows, s in ordered_map(block, blocks, config.workers):
+        best_s, best_p = _merge_top(best_s, best_p, s, rows, k)
+    keep = np.isfinite(best_s)
+    ids, unique = store_ids(store, best_p[keep])
+    if not unique:
+        return None
+    return pd.DataFrame({"id": ids, "score": best_s[keep]})

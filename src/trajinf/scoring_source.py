@@ -1,6 +1,7 @@
 """What scoring reads: its config (:class:`ScoreConfig`), the pool rows behind a reader
-(:class:`PoolSource`, from a store or from arrays), and the ordered thread map that scores
-blocks of rows in parallel."""
+(:class:`PoolSource`, from a store or from arrays), a store's trajectory rows streamed shard by
+shard (:func:`store_trajectory_rows`, :func:`store_ids`: what streaming top-k reads instead of a
+``PoolSource``), and the ordered thread map that scores blocks of rows in parallel."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import TypeVar
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from trajinf.errors import TrajinfError
 from trajinf.store import FeatureStore
@@ -163,6 +166,90 @@ def _per_ckpt(x: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
 def _ranks(owner: np.ndarray) -> np.ndarray:
     """Position of each step within its owner, in order of appearance."""
     return pd.Series(owner).groupby(owner).cumcount().to_numpy(np.int64)
+
+
+def _shards_by_row(store: FeatureStore) -> list[tuple[int, int, int]]:
+    """(shard, first row, end row) of every recorded shard, in row order."""
+    spans = {
+        int(e["shard"]): (int(e["rows"][0]), int(e["rows"][1])) for e in store.manifest["shards"]
+    }
+    return sorted(((s, lo, hi) for s, (lo, hi) in spans.items()), key=lambda t: t[1])
+
+
+def store_trajectory_rows(
+    store: FeatureStore, block_rows: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(rows int64 [n], finite bool [n])`` of the store's trajectory rows (``step == -1``) in
+    row order, in blocks of ``block_rows`` trajectories (the last one shorter): the blocks of
+    :func:`trajinf.scoring.traj_blocks` over :meth:`PoolSource.from_store` when trajectory ids
+    are unique. Reads one shard's ``step`` column and row flags at a time, so memory is one
+    shard's few bytes per row plus one block, whatever the store's size."""
+    if store.is_view:
+        raise TrajinfError("store_trajectory_rows: a store view's rows are in its items table")
+    ckpts: dict[int, list[int]] = {}
+    for e in store.manifest["shards"]:
+        ckpts.setdefault(int(e["shard"]), []).append(int(e["ckpt"]))
+    pend: list[tuple[np.ndarray, np.ndarray]] = []
+    have = 0
+    for shard, lo, _ in _shards_by_row(store):
+        step = store.shard_items(shard, ["step"]).column("step").to_numpy(zero_copy_only=False)
+        local = np.flatnonzero(step == -1)
+        finite = np.ones(len(local), bool)
+        for c in ckpts[shard]:  # as FeatureStore.items: finite at every recorded checkpoint
+            finite &= store.row_info(c, shard)["finite"][local]
+        pend.append((lo + local.astype(np.int64), finite))
+        have += len(local)
+        if have >= block_rows:
+            rows, fin = np.concatenate([r for r, _ in pend]), np.concatenate([f for _, f in pend])
+            full = have - have % block_rows
+            for a in range(0, full, block_rows):
+                yield rows[a : a + block_rows], fin[a : a + block_rows]
+            pend, have = [(rows[full:], fin[full:])], have - full
+    if have:
+        yield np.concatenate([r for r, _ in pend]), np.concatenate([f for _, f in pend])
+
+
+def store_ids(store: FeatureStore, rows: np.ndarray) -> tuple[np.ndarray, bool]:
+    """``(ids object [len(rows)], unique)``: the ids of trajectory ``rows`` of a store, and
+    whether none of them also belongs to an earlier trajectory row (``PoolSource.from_store``
+    keeps only the first row of a repeated id). Reads the ``id`` and ``step`` columns of one
+    shard at a time, up to the last of ``rows``."""
+    rows = np.asarray(rows, np.int64)
+    ids = np.empty(len(rows), dtype=object)
+    if not len(rows):
+        return ids, True
+    last = int(rows.max())
+    spans = [t for t in _shards_by_row(store) if t[1] <= last]
+    for shard, lo, hi in spans:
+        sel = np.flatnonzero((rows >= lo) & (rows < hi))
+        if len(sel):
+            col = store.shard_items(shard, ["id"]).column("id")
+            ids[sel] = col.take(pa.array(rows[sel] - lo)).to_pylist()
+    first = dict(zip(ids.tolist(), rows.tolist(), strict=True))
+    if len(first) < len(rows):
+        return ids, False  # an id twice among the rows asked for
+    wanted = pa.array(list(first), pa.string())
+    for shard, lo, _ in spans:
+        t = store.shard_items(shard, ["id", "step"])
+        hit = pc.and_(pc.is_in(t.column("id").cast(pa.string()), value_set=wanted),
+                      pc.equal(t.column("step"), -1))  # fmt: skip
+        hit = pc.fill_null(hit, False).to_numpy(zero_copy_only=False)
+        for local in np.flatnonzero(hit):
+            id_ = t.column("id")[int(local)].as_py()
+            if lo + int(local) < first[id_]:
+                return ids, False
+    return ids, True
+
+
+def store_nonfinite_ids(store: FeatureStore) -> list[str]:
+    """Ids of the store's trajectory rows that are not finite, in row order (as
+    ``pipeline_steps.nonfinite_ids``), from a scan of the rows files: no per-row table."""
+    if store.is_view:
+        it = store.items
+        return [str(i) for i in it[(it["step"] == -1) & ~it["finite"]].sort_values("row")["id"]]
+    bad = [r[~f] for r, f in store_trajectory_rows(store, 1 << 16)]
+    rows = np.concatenate(bad) if bad else np.zeros(0, np.int64)
+    return [str(i) for i in store_ids(store, rows)[0]]
 
 
 def ordered_map(

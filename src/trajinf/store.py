@@ -44,7 +44,7 @@ from trajinf.store_format import (  # noqa: F401  (FORMAT_VERSION, ITEM_COLUMNS,
     read_manifest,
     rows_record,
 )
-from trajinf.store_reader import ShardReader
+from trajinf.store_reader import ItemParts, ShardReader, check_item_table, read_item_columns
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,10 @@ class FeatureStore:
     def __init__(self, path: Path, manifest: dict, parts: dict[int, pa.Table]) -> None:
         self.path = path
         self.manifest = manifest
-        self._parts = parts  # shard -> its items table as on disk (static columns)
+        # shard -> its items table as on disk (static columns), loaded on first use
+        self._parts = parts if isinstance(parts, ItemParts) else ItemParts(path, [], parts)
         self._items: pd.DataFrame | None = None  # merged table, built on first use
+        self._custom_items = False  # `items` was replaced (a view): shard tables do not apply
         self._reader = ShardReader(path, int(manifest["dim"]))
 
     # ------------------------------------------------------------------ open / create
@@ -97,7 +99,9 @@ class FeatureStore:
         path = Path(path)
         manifest = read_manifest(path / MANIFEST, expect)
         shards = sorted({int(e["shard"]) for e in manifest["shards"]})
-        return cls(path, manifest, {s: read_item_table(items_path(path, s)) for s in shards})
+        for s in shards:  # a damaged or missing items table fails here, not mid-scan
+            check_item_table(items_path(path, s))
+        return cls(path, manifest, ItemParts(path, shards))
 
     # ------------------------------------------------------------------ items
     @property
@@ -112,6 +116,25 @@ class FeatureStore:
     @items.setter
     def items(self, table: pd.DataFrame) -> None:
         self._items = table
+        self._custom_items = True
+
+    @property
+    def is_view(self) -> bool:
+        """True when :attr:`items` was replaced (:meth:`view`): readers must take the items
+        from it, not from the shards' tables (:meth:`shard_items`)."""
+        return self._custom_items
+
+    def shard_items(self, shard: int, columns: Sequence[str] | None = None) -> pa.Table:
+        """The static items columns (``id``, ``step``, ...; not ``loss``/``finite``) of one
+        recorded shard, in row order, as stored; only ``columns`` are read from disk, so a
+        scan holds one shard's few columns at a time."""
+        if shard not in self._parts:
+            raise StoreCorruptError(f"{self.path}: shard {shard} is not recorded")
+        table = self._parts.loaded(shard)
+        if table is None and columns is not None:
+            return read_item_columns(items_path(self.path, shard), columns)
+        table = self._parts[shard] if table is None else table
+        return table if columns is None else table.select(list(columns))
 
     def _merged_items(self) -> pd.DataFrame:
         order = sorted(self._parts)
@@ -333,6 +356,7 @@ class FeatureStore:
             int(pc.sum(pc.equal(p.column("step"), -1)).as_py() or 0) for p in self._parts.values()
         )
         self._items = None
+        self._custom_items = False
 
     def append(self, rows: pd.DataFrame, features: list[np.ndarray]) -> int:
         """Append one new shard (one float32 [len(rows), D] array per checkpoint) after the
@@ -391,7 +415,11 @@ class FeatureStore:
         for e in self.shards(ckpt):
             lo, hi = e["rows"]
             sel = np.nonzero((rows >= lo) & (rows < hi))[0]
-            if len(sel):
+            if len(sel) and sel[-1] - sel[0] + 1 == len(sel):
+                # contiguous positions (a scan block): read straight into place
+                self._reader.rows_of(e, rows[sel] - lo, out=out[sel[0] : sel[-1] + 1])
+                done[sel] = True
+            elif len(sel):
                 out[sel] = self._reader.rows_of(e, rows[sel] - lo)
                 done[sel] = True
         if not done.all():

@@ -205,8 +205,9 @@ def build_store(path: str, n_rows: int, dim: int, shard_rows: int = 100_000) -> 
 
 def score_store_rss(path: str, n_dirs: int, mode: str, chunk_rows: int = 65536) -> dict:
     """Worker: score every row of a store against ``n_dirs`` random directions and report peak
-    RSS. ``mode`` "top_k": trajinf's streaming ``top_k`` (items table + one block in memory);
-    "features": the features alone, block by block (``iter_chunks``), running max per direction.
+    RSS. ``mode`` "top_k": trajinf's streaming ``top_k`` (row numbers, one shard's step column
+    and one block in memory; ids of the winners only); "features": the features alone, block
+    by block (``iter_chunks``), running max per direction.
     """
     from trajinf.scoring import top_k  # noqa: F401  (imports counted in the baseline)
     from trajinf.store import FeatureStore
