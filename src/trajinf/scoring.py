@@ -32,10 +32,12 @@ import pandas as pd
 from trajinf.errors import TrajinfError
 from trajinf.scoring_directions import (  # noqa: F401  (public here too)
     Directions,
+    KfacFactors,
     _check_pair,
     _target_inputs,
     directions_from_stores,
     group_advantages,
+    kfac_precondition,
     prepare_directions,
     target_directions,
 )
@@ -209,13 +211,15 @@ def score_stores(
     config: ScoreConfig,
     *,
     target_subtasks: Sequence[str] | None = None,
+    kfac: KfacFactors | Sequence[KfacFactors] | None = None,
 ) -> ScoreResult:
     """Score every pool trajectory and step against a target store.
 
     Target trajectories are grouped by ``config.subtask_field`` of the target items (or by
-    ``target_subtasks``, one label per target trajectory row in row order).
+    ``target_subtasks``, one label per target trajectory row in row order). ``kfac``: factors
+    for ``preconditioner="kfac"`` (:func:`trajinf.gradients.kfac.kfac_factors`).
     """
-    dirs = directions_from_stores(pool, target, config, target_subtasks=target_subtasks)
+    dirs = directions_from_stores(pool, target, config, target_subtasks=target_subtasks, kfac=kfac)
     return score_pool(PoolSource.from_store(pool), dirs, config)
 
 
@@ -234,16 +238,18 @@ def score_features(
     reward: Sequence[float] | None = None,
     groups: Sequence[str] | None = None,
     lr: Sequence[float] | None = None,
+    kfac: KfacFactors | Sequence[KfacFactors] | None = None,
 ) -> ScoreResult:
     """Array-level :func:`score_stores`: pool [N, D] / steps [K, D] / target [M, D] (or a list
-    of such, one per checkpoint, weighted by ``lr``)."""
+    of such, one per checkpoint, weighted by ``lr``; ``kfac`` as in :func:`score_stores`)."""
     pool = PoolSource.from_arrays(
         pool_traj, steps=pool_steps, step_owner=step_owner, step_index=step_index,
         step_tokens=step_tokens, ids=ids, lr=lr,
     )  # fmt: skip
     raw = target_directions(
-        target, config, subtasks=subtasks, success=success, reward=reward, groups=groups, lr=pool.lr
-    )
+        target, config, subtasks=subtasks, success=success, reward=reward, groups=groups,
+        lr=pool.lr, kfac=kfac,
+    )  # fmt: skip
     return score_pool(pool, prepare_directions(pool, raw, config), config)
 
 

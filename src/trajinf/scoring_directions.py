@@ -1,10 +1,11 @@
 """Target directions: one vector per target subtask and checkpoint, from target features
 (subtask means, success minus failure, group advantages), centered and preconditioned
-against the pool (``remove_mean``, damped Gram inverse)."""
+against the pool (``remove_mean``, damped Gram inverse), or K-FAC-preconditioned per target
+(``preconditioner="kfac"``, :func:`kfac_precondition`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +15,9 @@ import scipy.linalg
 from trajinf.errors import StoreMismatchError, TrajinfError
 from trajinf.scoring_source import PoolSource, ScoreConfig, _per_ckpt, ordered_map
 from trajinf.store import FeatureStore
+
+# {module name: (A [k, k], G [k, k])} in feature (tracked-module) order: see gradients/kfac.py
+KfacFactors = Mapping[str, tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
@@ -37,6 +41,7 @@ def target_directions(
     reward: Sequence[float] | None = None,
     groups: Sequence[str] | None = None,
     lr: Sequence[float] | None = None,
+    kfac: KfacFactors | Sequence[KfacFactors] | None = None,
 ) -> Directions:
     """Directions [S, D] per checkpoint from target trajectory features [M, D] (per checkpoint).
 
@@ -44,8 +49,18 @@ def target_directions(
     mean over failures. advantage: ``sum_i A_i t_i / n_s`` with ``A = (r - mean) / std`` within
     each rollout group (reward, else success as 0/1). With cosine the targets are unit-normalized
     first, so scores are means (or differences of means) of cosines.
+
+    With ``preconditioner="kfac"`` each target t is replaced by H^-1 t (:func:`kfac_precondition`;
+    ``kfac``: factors of one checkpoint, or one set per checkpoint) before anything else, so
+    cosine is ``<x / |x|, H^-1 t / |H^-1 t|>``: the pool feature normalized in plain space, the
+    preconditioned target normalized by its own norm.
     """
     ts = _per_ckpt(target)
+    if config.preconditioner == "kfac":
+        ts = [
+            kfac_precondition(t, f, config.kfac_damping)
+            for t, f in zip(ts, _per_ckpt_factors(kfac, len(ts)), strict=True)
+        ]
     m = ts[0].shape[0]
     labels = np.asarray(
         ["all"] * m if subtasks is None else [str(s) for s in subtasks], dtype=object
@@ -80,6 +95,56 @@ def target_directions(
         w = np.stack([weights[s] for s in names]).astype(np.float32)  # [S, M]
         vectors.append(w @ t)
     return Directions(names, vectors, list(lr) if lr is not None else [1.0] * len(ts))
+
+
+def _per_ckpt_factors(
+    kfac: KfacFactors | Sequence[KfacFactors] | None, n_ckpt: int
+) -> list[KfacFactors]:
+    if kfac is None:
+        raise TrajinfError(
+            "ScoreConfig field 'preconditioner': 'kfac' needs factors (kfac=, from "
+            "trajinf.gradients.kfac.kfac_factors)"
+        )
+    sets = [kfac] if isinstance(kfac, Mapping) else list(kfac)
+    if len(sets) != n_ckpt:
+        raise TrajinfError(f"kfac: {len(sets)} factor sets for {n_ckpt} checkpoints")
+    return sets
+
+
+def _damped_inverse(m: np.ndarray, damping: float) -> np.ndarray:
+    """(M + lambda I)^-1 of a symmetric PSD factor, lambda = damping * trace(M) / k; an all-zero
+    factor gets lambda = 1 (the identity)."""
+    k = m.shape[0]
+    lam = damping * float(np.trace(m)) / k
+    lam = lam if lam > 0 else (0.0 if np.trace(m) > 0 else 1.0)
+    w, v = np.linalg.eigh((m + m.T) / 2)  # symmetrize float rounding away
+    w = w + lam
+    if w.min() <= 1e-12 * max(1.0, float(w.max())):
+        raise TrajinfError(
+            f"kfac preconditioner: factor + lambda I is singular; increase ScoreConfig field "
+            f"'kfac_damping' (now {damping})"
+        )
+    return (v / w) @ v.T
+
+
+def kfac_precondition(vectors: np.ndarray, factors: KfacFactors, damping: float) -> np.ndarray:
+    """float32 [M, D]: per layer l, block F_l (row-major k_out x k_in, blocks in ``factors``
+    order, as the factorized features lay them out) -> (G_l + lambda_G I)^-1 F_l
+    (A_l + lambda_A I)^-1, lambda = damping * trace(factor) / k."""
+    v = np.asarray(vectors, np.float64)
+    m, d = v.shape
+    blocks = list(factors.values())
+    k = blocks[0][0].shape[0] if blocks else 0
+    if not blocks or len(blocks) * k * k != d:
+        raise StoreMismatchError(
+            f"kfac: {len(blocks)} layers of {k} x {k} factors do not match feature dim {d}"
+        )
+    out = np.empty_like(v)
+    for i, (a, g) in enumerate(blocks):
+        sl = slice(i * k * k, (i + 1) * k * k)
+        f = v[:, sl].reshape(m, k, k)
+        out[:, sl] = (_damped_inverse(g, damping) @ f @ _damped_inverse(a, damping)).reshape(m, -1)
+    return out.astype(np.float32)
 
 
 def _flag(v: object) -> bool | None:
@@ -189,10 +254,15 @@ def directions_from_stores(
     config: ScoreConfig,
     *,
     target_subtasks: Sequence[str] | None = None,
+    kfac: KfacFactors | Sequence[KfacFactors] | None = None,
 ) -> Directions:
-    """Prepared directions for ``pool`` from a target store (lr from the pool manifest)."""
+    """Prepared directions for ``pool`` from a target store (lr from the pool manifest;
+    ``kfac``: factors for ``preconditioner="kfac"``)."""
     _check_pair(pool, target)
     raw = target_directions(
-        config=config, lr=pool.learning_rates, **_target_inputs(target, config, target_subtasks)
+        config=config,
+        lr=pool.learning_rates,
+        kfac=kfac,
+        **_target_inputs(target, config, target_subtasks),
     )
     return prepare_directions(PoolSource.from_store(pool), raw, config)

@@ -26,7 +26,7 @@ _CHOICES = {
     "metric": ("cosine", "inner"),
     "aggregate": ("max", "mean"),
     "target_mode": ("subtask", "success_minus_failure", "advantage"),
-    "preconditioner": ("none", "gram"),
+    "preconditioner": ("none", "gram", "kfac"),
 }
 
 
@@ -39,7 +39,10 @@ class ScoreConfig:
     remove_mean: bool = False  # subtract the pool's mean trajectory feature first
     target_mode: str = "subtask"  # "subtask" | "success_minus_failure" | "advantage"
     preconditioner: str = "none"  # "none" | "gram": damped (F + lambda I)^-1 on the targets
+    # | "kfac": per-layer (G + lambda_G I)^-1 F (A + lambda_A I)^-1 on each target feature,
+    # factors from trajinf.gradients.kfac.kfac_factors (passed as ``kfac=`` to scoring)
     damping: float = 1e-3  # lambda = damping * trace(F) / D (relative to the mean eigenvalue)
+    kfac_damping: float = 0.1  # lambda_A, lambda_G = kfac_damping * trace(factor) / k
     chunk_rows: int = 65536  # pool rows per block
     subtask_field: str = "subtask"  # target items column of subtasks (falls back to task_id)
     group_field: str = "task_id"  # target items column of rollout groups (advantage mode)
@@ -54,9 +57,10 @@ class ScoreConfig:
                 raise TrajinfError(
                     f"ScoreConfig field '{name}': {getattr(self, name)!r} not in {allowed}"
                 )
-        if self.chunk_rows < 1 or self.damping < 0 or self.workers < 1:
+        if self.chunk_rows < 1 or self.damping < 0 or self.workers < 1 or self.kfac_damping < 0:
             raise TrajinfError(
-                "ScoreConfig fields 'chunk_rows' >= 1, 'workers' >= 1 and 'damping' >= 0 required"
+                "ScoreConfig fields 'chunk_rows' >= 1, 'workers' >= 1, 'damping' >= 0 and "
+                "'kfac_damping' >= 0 required"
             )
 
 
