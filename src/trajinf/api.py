@@ -29,12 +29,17 @@ def build_job_config(
     subtask_field: str = "task_id",
     max_length: int | None = 2048,
     seed: int = 0,
+    scoring_preconditioner: str = "none",
+    kfac_damping: float = 0.1,
     **extraction: object,
 ) -> ScoreJobConfig:
     """A scoring job config from flat options (what the CLI exposes).
 
     ``preconditioner="auto"`` picks Adam in LESS mode and the factored Adam in factorized mode
     when warmup checkpoints (with optimizer moments) are given, and none otherwise.
+    ``scoring_preconditioner`` acts on the target directions at scoring time: none, gram
+    (damped inverse pool Gram) or kfac (per-layer K-FAC factors, factorized mode only,
+    damped by ``kfac_damping``; the job saves the factors under ``OUT/kfac/``).
     """
     if preconditioner == "auto":
         if not has_checkpoints:
@@ -53,15 +58,25 @@ def build_job_config(
         ("--metric", metric, ("cosine", "inner")),
         ("--aggregate", aggregate, ("max", "mean")),
         ("--target-mode", target_mode, ("subtask", "success_minus_failure", "advantage")),
+        ("--scoring-preconditioner", scoring_preconditioner, ("none", "gram", "kfac")),
     ):
         if value not in choices:
             raise TrajinfError(f"{name} must be one of {', '.join(choices)}, got '{value}'")
+    if scoring_preconditioner == "kfac" and mode != "factorized":
+        raise TrajinfError("--scoring-preconditioner kfac needs --mode factorized")
+    if kfac_damping < 0:
+        raise TrajinfError(f"--kfac-damping must be >= 0, got {kfac_damping}")
     return ScoreJobConfig(
         extraction=ExtractionConfig(
             mode=mode, proj_dim=proj_dim, seed=seed, preconditioner=preconditioner, **extraction
         ),
         scoring=ScoreConfig(
-            metric=metric, aggregate=aggregate, remove_mean=remove_mean, target_mode=target_mode
+            metric=metric,
+            aggregate=aggregate,
+            remove_mean=remove_mean,
+            target_mode=target_mode,
+            preconditioner=scoring_preconditioner,
+            kfac_damping=kfac_damping,
         ),
         max_length=max_length,
         subtask_field=subtask_field,

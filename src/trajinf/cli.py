@@ -110,6 +110,14 @@ def score(
     workers: int = typer.Option(
         1, help="Threads scoring blocks of pool rows in parallel (scores identical to 1)."
     ),
+    scoring_preconditioner: str = typer.Option(
+        "none",
+        help="Preconditioner of the target directions: none|gram (damped inverse pool Gram)|"
+        "kfac (per-layer K-FAC factors of the pool, factorized mode; saved in OUT/kfac/).",
+    ),
+    kfac_damping: float = typer.Option(
+        0.1, help="K-FAC damping: lambda = kfac_damping * trace(factor) / k."
+    ),
 ) -> None:
     """Score every pool trajectory and step against the target.
 
@@ -134,6 +142,8 @@ def score(
         subtask_field=subtask_field,
         max_length=max_length,
         seed=seed,
+        scoring_preconditioner=scoring_preconditioner,
+        kfac_damping=kfac_damping,
     )
     cfg.trust_remote_code = trust_remote_code
     cfg.scoring.workers = workers

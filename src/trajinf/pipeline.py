@@ -32,11 +32,24 @@ from trajinf.pipeline_steps import (  # noqa: F401  (public here too)
     _subtask_of,
     _with_meta,
     baseline_statistics,
+    job_kfac_factors,
+    kfac_null_scores,
     nonfinite_ids,
     write_json,
     write_parquet,
 )
-from trajinf.scoring import ScoreConfig, ScoreResult, score_stores, top_k
+from trajinf.scoring import (
+    PoolSource,
+    ScoreConfig,
+    ScoreResult,
+    directions_from_stores,
+    score_stores,
+    top_k,
+)
+from trajinf.scoring import (
+    score_pool as score_directions_pool,
+)
+from trajinf.scoring_directions import KfacFactors
 from trajinf.scoring_source import store_nonfinite_ids
 from trajinf.selection import harmful_flags, null_scores
 from trajinf.store import FeatureStore
@@ -65,6 +78,8 @@ class ScoreJobConfig:
     # Track only parameters that moved by more than extraction.update_mask_threshold between
     # these two checkpoints (where RL / fine-tuning updates land); None tracks everything.
     update_mask_from: tuple[str, str] | None = None
+    # scoring.preconditioner="kfac": pool items sampled (seeded by ``seed``) for the factors
+    kfac_max_items: int = 256
 
     def to_dict(self) -> dict:
         """A JSON-able dict of the whole config."""
@@ -234,9 +249,22 @@ def score_pool(
         else store_nonfinite_ids(pool_store),
         "nonfinite_target": nonfinite_ids(target_store),
     }
+    factors = None
+    if config.scoring.preconditioner == "kfac":
+        t0 = time.perf_counter()
+        factors = job_kfac_factors(
+            out,
+            ckpts,
+            pool_tok,
+            pool_store,
+            config,
+            update_mask=lambda: _update_mask(config),
+            device=resolve_device(config.device),
+        )
+        timings["kfac_s"] = time.perf_counter() - t0
     if top_k is not None:
         t0 = time.perf_counter()
-        top = top_k_scores(pool_store, target_store, config.scoring, top_k)
+        top = top_k_scores(pool_store, target_store, config.scoring, top_k, kfac=factors)
         write_parquet(top, out / "top.parquet")
         timings["score_s"] = time.perf_counter() - t0
         write_json({**job, "top_k": top_k, "timings": timings}, out / "job.json")
@@ -245,14 +273,27 @@ def score_pool(
         )
 
     t0 = time.perf_counter()
-    result: ScoreResult = score_stores(pool_store, target_store, config.scoring)
-    null = null_scores(
-        pool_store,
-        target_store,
-        config.scoring,
-        n_directions=config.null_directions,
-        seed=config.seed,
-    )
+    if factors is None:
+        result: ScoreResult = score_stores(pool_store, target_store, config.scoring)
+        null = null_scores(
+            pool_store,
+            target_store,
+            config.scoring,
+            n_directions=config.null_directions,
+            seed=config.seed,
+        )
+    else:  # the null's random targets are preconditioned too (kfac_null_scores)
+        dirs = directions_from_stores(pool_store, target_store, config.scoring, kfac=factors)
+        src = PoolSource.from_store(pool_store)
+        result = score_directions_pool(src, dirs, config.scoring)
+        null = kfac_null_scores(
+            src,
+            dirs,
+            factors,
+            config.scoring,
+            n_directions=config.null_directions,
+            seed=config.seed,
+        )
     flags, harmful_info = harmful_flags(result, null, alpha=config.harmful_alpha)
     timings["score_s"] = time.perf_counter() - t0
 
@@ -278,10 +319,18 @@ def score_pool(
 
 
 def top_k_scores(
-    pool: FeatureStore, target: FeatureStore, config: ScoreConfig, k: int
+    pool: FeatureStore,
+    target: FeatureStore,
+    config: ScoreConfig,
+    k: int,
+    *,
+    kfac: KfacFactors | Sequence[KfacFactors] | None = None,
 ) -> pd.DataFrame:
     """The ``k`` best trajectories (id, score; descending) by one streaming pass over the pool
-    (:func:`trajinf.scoring.top_k`); non-finite items are never among them."""
+    (:func:`trajinf.scoring.top_k`); non-finite items are never among them. ``kfac``: factors
+    for ``config.preconditioner="kfac"``."""
     if k < 1:
         raise TrajinfError(f"top_k must be >= 1, got {k}")
+    if config.preconditioner == "kfac":
+        return top_k(pool, directions_from_stores(pool, target, config, kfac=kfac), config, k)
     return top_k(pool, target, config, k)

@@ -29,6 +29,7 @@ from trajinf.pipeline_steps import (
     _with_meta,
     baseline_statistics,
     nonfinite_ids,
+    stored_kfac_factors,
     write_json,
     write_parquet,
 )
@@ -120,7 +121,14 @@ def score_appended(
         steps = pd.read_parquet(out / "step_scores.parquet")
         return ScoreOutputs(out, old_scores, steps, job["harmful"], timings)
     target_store = FeatureStore.open(out / "store" / "target")
-    dirs = directions_from_stores(store.view(~fresh.to_numpy()), target_store, config.scoring)
+    # K-FAC: the stored factors of the full run (fingerprinted on the store, which append
+    # leaves unchanged), so the appended rows see the same directions as the old ones
+    kfac = (
+        stored_kfac_factors(out, store, config) if config.scoring.preconditioner == "kfac" else None
+    )
+    dirs = directions_from_stores(
+        store.view(~fresh.to_numpy()), target_store, config.scoring, kfac=kfac
+    )
     new_view = store.view(fresh.to_numpy())
     result = score_directions_pool(PoolSource.from_store(new_view), dirs, config.scoring)
     h = job["harmful"]

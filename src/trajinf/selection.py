@@ -8,7 +8,7 @@ method is compared at the same size (success-only may fall short; ``info`` says 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,11 +55,14 @@ def null_scores(
     *,
     n_directions: int = 32,
     seed: int = 0,
+    transform: Callable[[int, np.ndarray], np.ndarray] | None = None,
 ) -> ScoreResult:
     """Scores of the pool against ``n_directions`` random targets: each draw replaces every
     subtask direction by an isotropic Gaussian one of the same norm (per checkpoint), and is
-    aggregated exactly like the real score. ``trajectories``: draw, id, score, min_step_score
-    (N * n_directions rows); ``steps`` is empty."""
+    aggregated exactly like the real score. ``transform(c, draws [n_directions * S, D])``, if
+    given, maps checkpoint c's Gaussian draws before the norm rescale (K-FAC scoring passes its
+    preconditioner so the null has the targets' anisotropy). ``trajectories``: draw, id, score,
+    min_step_score (N * n_directions rows); ``steps`` is empty."""
     src = PoolSource.from_store(pool) if isinstance(pool, FeatureStore) else pool
     if isinstance(target, FeatureStore):
         if not isinstance(pool, FeatureStore):
@@ -67,8 +70,10 @@ def null_scores(
         target = directions_from_stores(pool, target, config)
     rng = np.random.default_rng(seed)
     vectors = []
-    for u in target.vectors:  # [S, D]
+    for c, u in enumerate(target.vectors):  # [S, D]
         g = rng.standard_normal((n_directions, *u.shape)).astype(np.float32)
+        if transform is not None:
+            g = transform(c, g.reshape(-1, u.shape[1])).reshape(n_directions, *u.shape)
         g *= (np.linalg.norm(u, axis=1)[None, :, None]) / np.linalg.norm(g, axis=2, keepdims=True)
         vectors.append(g.reshape(-1, u.shape[1]))
     out = score_directions(src, target, config, vectors)
@@ -85,7 +90,10 @@ def null_scores(
         }
     )
     steps = pd.DataFrame({"id": [], "step": [], "score": []})
-    return ScoreResult(traj, steps, {"null": True, "n_directions": n_directions, "seed": seed})
+    info = {"null": True, "n_directions": n_directions, "seed": seed}
+    if transform is not None:
+        info["transformed"] = True
+    return ScoreResult(traj, steps, info)
 
 
 def _thresholds(s0: np.ndarray, m0: np.ndarray, q: float) -> tuple[float, float, float]:
