@@ -142,13 +142,18 @@ def test_quick_bench_through_the_cli_writes_results_and_resumes(tmp_path) -> Non
     assert run.returncode == 0, run.stderr[-3000:]
     res = json.loads((out / "bench.json").read_text())
     env = res["envs"]["builtin"]
-    assert set(env["scenarios"]) == {"mixed", "flood", "outcome"}
+    assert set(env["scenarios"]) == {"mixed", "flood", "outcome", "early"}
+    assert env["scenarios"]["early"]["pool"].get("world_model", {}).get("n", 0) > 0
     assert len(res["cells"]) == len(read_cells(out / "builtin" / "cells.jsonl")) > 0
     mixed = env["scenarios"]["mixed"]["variants"]["inf"]
     assert mixed["bad_step"]["n_trajectories"] > 0 and mixed["cost_epochs"] > 0
     assert env["lds"]["n_models"] == 6 and "inf" in env["lds"]["methods"]
     assert "inf|0.2" not in env["summary"]  # keys are scenario|method|budget
-    assert {"mixed|inf|0.2", "mixed|full|1", "outcome|inf-adv|0.2"} <= set(env["summary"])
+    assert {"mixed|inf|0.2", "mixed|full|1", "outcome|inf-adv|0.2", "early|inf+allee|0.2"} <= set(
+        env["summary"]
+    )
+    early = env["summary"]
+    assert early["early|inf+allee|0.2"]["n_selected"] > early["early|inf-noee|0.2"]["n_selected"]
     weighted = [c for c in res["cells"] if c["method"] in ("inf+stepw", "inf*expert_aligned")]
     assert weighted and all(c["n_weighted_zero"] >= 0 for c in weighted)
     html = (out / "bench.html").read_text()

@@ -36,6 +36,8 @@ FULL_GRID: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             "inf-meanrm",
             "inf-lora",
             "inf-sparse",
+            "inf-kfac",
+            "inf-kfac-cos",
             "inf+stepw",
             "inf-losssplit+stepw",
             "inf+zerovar",

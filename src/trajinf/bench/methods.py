@@ -31,6 +31,9 @@ VARIANTS: dict[str, dict] = {
     "inf-lora": {"lora": True, "preconditioner": "none"},
     "inf-sparse": {"update_mask": True},  # only parameters that moved base -> last checkpoint
     "inf-losssplit": {"step_split": "loss"},  # per-step features from each step's own loss
+    # K-FAC in the projected space (per-layer factors from a pool sample): inner and cosine
+    "inf-kfac": {"scoring_preconditioner": "kfac", "metric": "inner"},
+    "inf-kfac-cos": {"scoring_preconditioner": "kfac"},
     "inf-smf": {"target_mode": "success_minus_failure"},
     "inf-adv": {"target_mode": "advantage"},
 }
