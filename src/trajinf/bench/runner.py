@@ -205,14 +205,14 @@ def _epoch_seconds(demo, scenarios, out: Path) -> float:
     return seconds
 
 
-_PRIORS: dict[tuple[str, str], object] = {}
+_PRIORS: dict[tuple[str | None, str, str], object] = {}
 
 
 def prior_values(scn, name: str, env) -> object:
     """Per-step values (id, step, value) of step prior ``name`` on the scenario's pool (cached)."""
     from trajinf.priors import step_prior
 
-    key = (scn.name, name)
+    key = (getattr(env, "name", None), scn.name, name)  # one process runs several envs
     if key not in _PRIORS:
         _PRIORS[key] = step_prior(name, scn.pool, env=env)
     return _PRIORS[key]
