@@ -206,7 +206,7 @@ def markdown_tables(results: dict) -> str:
             f"Target families {r['target_families']}; base agent success "
             f"{_fmt(base.get('success_rate'))}, expert-step agreement "
             f"{_fmt(base.get('step_agreement'))}; one training epoch over the mixed pool "
-            f"{r['epoch_seconds']:.1f} s; environment runtime {r['runtime_s']:.0f} s.",
+            f"{r['epoch_seconds']:.1f} s; this invocation ran {r['runtime_s']:.0f} s (finished cells, scores and models are reused).",
             "",
             "| scenario | method | budget | selected | success mean ± std | per seed | agreement | "
             "vs random | vs full |",
