@@ -29,6 +29,7 @@ from trajinf.demo_loop import (
     paired_tests,
 )
 from trajinf.envs import make_env
+from trajinf.pipeline_steps import write_json
 from trajinf.selection import select
 
 METHODS = ("influence", "influence-drop-harmful", "random", "full", "success", "rds")
@@ -208,9 +209,7 @@ def run_demo(
         "runtime_s": timings,
         "config": asdict(config),
     }
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2, default=str))
-    tmp.replace(out / "results.json")
+    write_json(results, out / "results.json")
 
     from trajinf.report import write_demo_report
 

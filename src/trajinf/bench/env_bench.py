@@ -23,6 +23,7 @@ from trajinf.bench.methods import METHODS
 from trajinf.bench.scenarios import SCENARIOS
 from trajinf.demo import DemoConfig
 from trajinf.errors import TrajinfError
+from trajinf.pipeline_steps import write_json
 
 # scenario -> (methods at the headline budget, methods also run at every other budget)
 FULL_GRID: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -250,21 +251,26 @@ def cell_key(c: dict) -> str:
     return f"{c['scenario']}|{c['method']}|{c['budget']:g}|{c['seed']}"
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of an append-only JSONL file (absent: none; a torn last line from a kill is
+    ignored)."""
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
 def read_cells(path: Path) -> dict[str, dict]:
-    """Finished cells of a previous run (a torn last line from a kill is ignored)."""
-    out: dict[str, dict] = {}
-    if not path.exists():
-        return out
-    for line in path.read_text().splitlines():
-        try:
-            c = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        out[cell_key(c)] = c
-    return out
+    """Finished cells of a previous run, by ``cell_key``."""
+    return {cell_key(c): c for c in read_jsonl(path)}
 
 
-def _append(path: Path, row: dict) -> None:
+def append_jsonl(path: Path, row: dict) -> None:
+    """Append one row and fsync, so a finished row survives a kill."""
     with open(path, "a") as f:
         f.write(json.dumps(row, default=str) + "\n")
         f.flush()
@@ -296,13 +302,7 @@ def run_bench(
         results["envs"][plan.env] = res
         results["cells"] += res["cells"]
         results["runtime_s"] = time.perf_counter() - t0
-        _write_json(results, out / "bench.json")
+        write_json(results, out / "bench.json")
         write_bench_report(results, out / "bench.html")
         (out / "bench.md").write_text(markdown_tables(results))
     return results
-
-
-def _write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)

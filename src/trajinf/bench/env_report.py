@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trajinf.report import figure_html, page, write_html
+from trajinf.report import figure_html, page, plt, write_html  # report selects Agg
 
 
 def _fmt(x, nd: int = 3) -> str:
@@ -102,11 +102,6 @@ def lds_table(lds: dict | None) -> str:
 
 def headline_plot(summary: dict, scenario: str, budget: float, title: str):
     """Bars of success (mean ± std, seeds as dots) of every method of one scenario + budget."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [
         e
         for e in summary.values()
@@ -134,11 +129,6 @@ def headline_plot(summary: dict, scenario: str, budget: float, title: str):
 
 def budget_plot(summary: dict, scenario: str, title: str):
     """Success vs budget for the methods run at several budgets."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     by: dict[str, list] = {}
     for e in summary.values():
         if e["scenario"] == scenario and e["method"] != "full":

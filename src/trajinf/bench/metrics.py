@@ -12,14 +12,6 @@ from trajinf.evaluate import auroc
 from trajinf.trajectories import Trajectory
 
 
-def harmful_auroc(pool: Sequence[Trajectory], scores: pd.DataFrame) -> dict:
-    """Planted-harmful detection: AUROC of low trajectory score / low min step score, and the
-    harmful flags' recall and precision (labels from ``meta["planted"]`` only)."""
-    from trajinf.demo_loop import harmful_detection
-
-    return harmful_detection(pool, scores)
-
-
 def bad_step_localization(pool: Sequence[Trajectory], steps: pd.DataFrame) -> dict:
     """Do a corrupted step's scores rank lowest within its trajectory?
 

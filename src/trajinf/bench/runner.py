@@ -9,22 +9,25 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, replace
 from multiprocessing import get_context
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
+from trajinf.bench.env_bench import append_jsonl, cell_key, plan_cells, read_cells, read_jsonl
 from trajinf.bench.methods import METHODS, Scored, run_variant
-from trajinf.bench.metrics import bad_step_localization, harmful_auroc, lds, summarize_cells
+from trajinf.bench.metrics import bad_step_localization, lds, summarize_cells
 from trajinf.bench.scenarios import build_bench_data
+from trajinf.demo_loop import harmful_detection
 from trajinf.envs import make_env
 from trajinf.errors import TrajinfError
+from trajinf.pipeline_steps import write_json
+from trajinf.priors import step_prior, trajectory_prior
 from trajinf.selection import select, zero_variance_filter
 from trajinf.trajectories import load_pool, write_pool
 
 
 def run_env(plan, config, out: Path, *, progress=None, log=print) -> dict:
     """Everything ``trajinf bench`` measures in one environment; returns its results dict."""
-    from trajinf.bench.env_bench import cell_key, plan_cells, read_cells
-
     t_start = time.perf_counter()
     env = make_env(plan.env)
     data = build_bench_data(env, plan, out, names=config.scenarios, progress=progress, log=log)
@@ -54,7 +57,7 @@ def run_env(plan, config, out: Path, *, progress=None, log=print) -> dict:
             scen_res[name]["variants"][v] = {
                 "seconds": s.seconds,
                 "cost_epochs": s.seconds / epoch_s,
-                "harmful": harmful_auroc(scn.pool, s.scores),
+                "harmful": harmful_detection(scn.pool, s.scores),
                 "bad_step": bad_step_localization(scn.pool, s.steps),
                 "top_sources": _top_sources(scn.pool, s.scores, config.headline),
             }
@@ -79,7 +82,7 @@ def run_env(plan, config, out: Path, *, progress=None, log=print) -> dict:
         log(f"{plan.env}: {len(skipped)} cells skipped: {reasons}")
     tick = progress(f"{plan.env}: retrain + eval", len(jobs)) if progress and jobs else None
     for row in _run_jobs(jobs, config.workers):
-        _append_row(out / "cells.jsonl", row)
+        append_jsonl(out / "cells.jsonl", row)
         done[cell_key(row)] = row
         if tick:
             tick(1)
@@ -102,12 +105,6 @@ def run_env(plan, config, out: Path, *, progress=None, log=print) -> dict:
     }
 
 
-def _append_row(path: Path, row: dict) -> None:
-    from trajinf.bench.env_bench import _append
-
-    _append(path, row)
-
-
 def _top_sources(pool, scores, budget: float) -> dict:
     """What the variant's top ``budget`` holds, by source (planted counted apart)."""
     k = max(1, math.ceil(budget * len(pool)))
@@ -128,19 +125,13 @@ def _top_sources(pool, scores, budget: float) -> dict:
 def _prior_report(scn, plan, config, env, *, log=print) -> dict:
     """Detection and localization of each step prior used by the scenario's methods."""
     names = sorted(
-        {
-            METHODS[m].prior
-            for m in plan.grid.get(scn.name, ((), ()))[0] + plan.grid.get(scn.name, ((), ()))[1]
-            if METHODS[m].prior
-        }
+        {METHODS[m].prior for m in sum(plan.grid.get(scn.name, ((), ())), ()) if METHODS[m].prior}
     )
     out = {}
     for name in names:
         t0 = time.perf_counter()
         v = prior_values(scn, name, env)
         steps = v.rename(columns={"value": "score"})
-        from trajinf.priors import trajectory_prior
-
         traj = trajectory_prior(v).rename(columns={"value": "score"})
         out[name] = {
             "seconds": time.perf_counter() - t0,
@@ -148,7 +139,7 @@ def _prior_report(scn, plan, config, env, *, log=print) -> dict:
             if len(v)
             else 0.0,
             "bad_step": bad_step_localization(scn.pool, steps),
-            "harmful": harmful_auroc(scn.pool, traj),
+            "harmful": harmful_detection(scn.pool, traj),
             "top_sources": _top_sources(scn.pool, traj, config.headline),
         }
         log(f"{plan.env}/{scn.name}: prior {name}: {out[name]['bad_step']}")
@@ -184,7 +175,7 @@ def _mask_report(data, plan, out: Path) -> dict:
         res[f"{thr:g}"] = mask_stats(
             sparse_update_mask(base, warm, thr), sparse_update_mask(base, other, thr)
         )
-    path.write_text(json.dumps(res))
+    write_json(res, path)
     return res
 
 
@@ -201,21 +192,16 @@ def _epoch_seconds(demo, scenarios, out: Path) -> float:
     t0 = time.perf_counter()
     train_sft(model, tok, pool, replace(DEMO_TRAIN, epochs=1))
     seconds = time.perf_counter() - t0
-    path.write_text(json.dumps({"seconds": seconds, "n_pool": len(pool)}))
+    write_json({"seconds": seconds, "n_pool": len(pool)}, path)
     return seconds
 
 
-_PRIORS: dict[tuple[str | None, str, str], object] = {}
-
-
 def prior_values(scn, name: str, env) -> object:
-    """Per-step values (id, step, value) of step prior ``name`` on the scenario's pool (cached)."""
-    from trajinf.priors import step_prior
-
-    key = (getattr(env, "name", None), scn.name, name)  # one process runs several envs
-    if key not in _PRIORS:
-        _PRIORS[key] = step_prior(name, scn.pool, env=env)
-    return _PRIORS[key]
+    """Per-step values (id, step, value) of step prior ``name`` on the scenario's pool, cached
+    on the scenario (the values belong to its pool)."""
+    if name not in scn.priors:
+        scn.priors[name] = step_prior(name, scn.pool, env=env)
+    return scn.priors[name]
 
 
 def _select(method: str, scn, scored, budget: float, seed: int, env=None):
@@ -326,10 +312,8 @@ def run_cell(job: dict) -> dict:
     env = _ENVS.get(job["env"]) or _ENVS.setdefault(job["env"], make_env(job["env"]))
     chosen = load_pool(job["selection"]) if job["n_selected"] else []
 
-    class _Base:  # finetune() reads only base_dir
-        base_dir = Path(job["base_dir"])
-
-    model, tok = finetune(_Base, chosen, cfg, seed=job["seed"])
+    base = SimpleNamespace(base_dir=Path(job["base_dir"]))  # finetune() reads only base_dir
+    model, tok = finetune(base, chosen, cfg, seed=job["seed"])
     ev = evaluate_model(env, model, tok, job["families"], cfg)
     return {
         **job["cell"],
@@ -353,14 +337,7 @@ def _lds(plan, config, data, scored, out: Path, *, log=print, progress=None) -> 
     ids = [t.id for t in scn.pool]
     n = len(ids)
     path = out / "lds.jsonl"
-    rows = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-                rows[r["m"]] = r
-            except json.JSONDecodeError:
-                continue
+    rows = {r["m"]: r for r in read_jsonl(path)}
     rng = np.random.default_rng(plan.seed + 7)
     masks = np.zeros((plan.lds_models, n), dtype=bool)
     for m in range(plan.lds_models):
@@ -374,7 +351,7 @@ def _lds(plan, config, data, scored, out: Path, *, log=print, progress=None) -> 
             epochs = max(1, math.ceil(steps * DEMO_TRAIN.batch_size / len(chosen)))
             train_sft(model, tok, chosen, replace(DEMO_TRAIN, epochs=epochs, seed=plan.seed + m))
             rows[m] = {"m": m, "losses": target_losses(model, tok, scn.target)}
-            _append_row(path, rows[m])
+            append_jsonl(path, rows[m])
         if tick:
             tick(1)
     queries = sorted(rows[0]["losses"])

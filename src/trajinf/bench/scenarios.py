@@ -19,12 +19,12 @@ the target, not from a different starting model.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from trajinf.checkpoints import load_model
-from trajinf.demo_loop import DemoData, build_demo_data
-from trajinf.envs.policies import NoisyExpertPolicy, expert_action, random_action
+from trajinf.demo_loop import DemoData, build_demo_data, summarize_pool
+from trajinf.envs.policies import NoisyExpertPolicy, expert_action
 from trajinf.model_policy import ModelPolicy
 from trajinf.rollout import rollout
 from trajinf.trajectories import Trajectory, load_pool, write_pool
@@ -54,7 +54,7 @@ class OneBadStepPolicy:
         if not others:
             return expert_action(ep)
         ep.meta["bad_step"] = ep.step
-        return ep.rng.choice(others) if others else random_action(ep)
+        return ep.rng.choice(others)
 
 
 @dataclass
@@ -66,6 +66,7 @@ class Scenario:
     target: list[Trajectory]
     target_mode: str  # "subtask" | "success_minus_failure" (advantage is a scoring variant)
     summary: dict
+    priors: dict = field(default_factory=dict)  # step prior name -> values (bench cache)
 
 
 @dataclass
@@ -74,12 +75,6 @@ class BenchData:
 
     demo: DemoData
     scenarios: dict[str, Scenario]
-
-
-def _summary(pool: list[Trajectory]) -> dict:
-    from trajinf.demo_loop import summarize_pool
-
-    return summarize_pool(pool)
 
 
 def build_bench_data(env, config, out: Path, *, names=SCENARIOS, progress=None, log=print):
@@ -98,7 +93,7 @@ def build_bench_data(env, config, out: Path, *, names=SCENARIOS, progress=None, 
     demo = build_demo_data(env, config.demo_config(), data_dir, progress=progress, log=log)
     rng = random.Random(config.seed)
     families = demo.target_families
-    pool_tasks = _pool_tasks(env, config, demo)
+    pool_tasks, target_tasks = _tasks_of(env, config, demo)
     roll = _roller(env, config)
 
     bad = roll(pool_tasks, OneBadStepPolicy(), "noisy", id_prefix="onebad", seed=config.seed + 7)
@@ -112,7 +107,6 @@ def build_bench_data(env, config, out: Path, *, names=SCENARIOS, progress=None, 
     experts = [t for t in demo.pool if t.source == "expert" and not t.meta.get("planted")]
     flood_pool = rng.sample(experts, min(len(experts), config.flood_experts)) + flood_self
     # outcome: labelled rollouts of the target tasks only (no demos of the wanted behaviour)
-    target_tasks = _target_tasks(env, config, demo)
     outcome_target = []
     for k, level in enumerate((0.3, 0.6)):
         outcome_target += roll(
@@ -148,16 +142,12 @@ def _roller(env, config):
     return roll
 
 
-def _pool_tasks(env, config, demo: DemoData) -> list:
-    ids = {t.task_id for t in demo.pool}
+def _tasks_of(env, config, demo: DemoData) -> tuple[list, list]:
+    """The Task objects behind the demo's pool and target (drawn once, as build_demo_data
+    drew them)."""
     tasks = env.tasks("train", config.n_tasks_drawn(env), config.seed)
-    return [t for t in tasks if t.id in ids]
-
-
-def _target_tasks(env, config, demo: DemoData) -> list:
-    ids = {t.task_id for t in demo.target}
-    tasks = env.tasks("train", config.n_tasks_drawn(env), config.seed)
-    return [t for t in tasks if t.id in ids]
+    pool_ids, target_ids = {t.task_id for t in demo.pool}, {t.task_id for t in demo.target}
+    return [t for t in tasks if t.id in pool_ids], [t for t in tasks if t.id in target_ids]
 
 
 def _load(env, config, data_dir: Path, names) -> BenchData:
@@ -174,17 +164,17 @@ def _load(env, config, data_dir: Path, names) -> BenchData:
         warm_dir=Path(info["checkpoints"][-1]),
         checkpoints=[Path(c) for c in info["checkpoints"]],
         base_success=info["base_success"],
-        pool_summary=_summary(mixed),
+        pool_summary=summarize_pool(mixed),
     )
     out: dict[str, Scenario] = {}
     if "mixed" in names:
-        out["mixed"] = Scenario("mixed", mixed, demos, "subtask", _summary(mixed))
+        out["mixed"] = Scenario("mixed", mixed, demos, "subtask", summarize_pool(mixed))
     if "flood" in names:
         flood = load_pool(data_dir / "pool_flood.jsonl")
-        out["flood"] = Scenario("flood", flood, demos, "subtask", _summary(flood))
+        out["flood"] = Scenario("flood", flood, demos, "subtask", summarize_pool(flood))
     if "outcome" in names:
         target = load_pool(data_dir / "target_outcome.jsonl")
-        summary = _summary(mixed)
+        summary = summarize_pool(mixed)
         summary["target_success"] = sum(bool(t.success) for t in target) / max(1, len(target))
         out["outcome"] = Scenario("outcome", mixed, target, "success_minus_failure", summary)
     if "early" in names:
@@ -192,7 +182,7 @@ def _load(env, config, data_dir: Path, names) -> BenchData:
         if not path.exists():
             write_pool(mixed + _early_examples(env, config, mixed), path)
         early = load_pool(path)
-        out["early"] = Scenario("early", early, demos, "subtask", _summary(early))
+        out["early"] = Scenario("early", early, demos, "subtask", summarize_pool(early))
     return BenchData(demo, out)
 
 
