@@ -1,7 +1,7 @@
 """Shared pytest fixtures (stable names; other test files rely on them).
 
 - ``chatml_tokenizer`` (session): byte-level BPE tokenizer trained locally on
-  ``trajinf.tiny.DEFAULT_CORPUS`` with ``CHATML_TOOL_TEMPLATE`` (eos/end-of-turn ``<|im_end|>``,
+  ``trajinf.models.tiny.DEFAULT_CORPUS`` with ``CHATML_TOOL_TEMPLATE`` (eos/end-of-turn ``<|im_end|>``,
   pad ``<|endoftext|>``). Do not mutate it.
 - ``llama3_tokenizer`` (session): the same with ``LLAMA3_TOOL_TEMPLATE`` (eos ``<|eot_id|>``).
 - ``tool_pool_records`` (function): a fresh list of 6 OpenAI-format trajectory dicts with
@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trajinf.chat_templates import CHATML_TOOL_TEMPLATE, LLAMA3_TOOL_TEMPLATE
-from trajinf.tiny import DEFAULT_CORPUS, train_tokenizer
+from trajinf.data.chat_templates import CHATML_TOOL_TEMPLATE, LLAMA3_TOOL_TEMPLATE
+from trajinf.models.tiny import DEFAULT_CORPUS, train_tokenizer
 
 # Tiny models are dominated by per-op overhead: one thread is as fast as two on an idle machine
 # and up to 10x faster on a loaded one (measured); it also keeps float reductions in one order.
@@ -130,12 +130,11 @@ def write_jsonl():
 
 def _tiny_job(d: Path, n_tasks: int = 10) -> Path:
     """pool.jsonl (2 * n_tasks ToolWorld trajectories), target.jsonl (3) and an untrained model/."""
-    from trajinf.demo_loop import _texts
+    from trajinf.data.write import write_pool
     from trajinf.envs import make_env
     from trajinf.envs.policies import ExpertPolicy, NoisyExpertPolicy
-    from trajinf.rollout import rollout
-    from trajinf.tiny import tiny_model
-    from trajinf.trajectories import write_pool
+    from trajinf.envs.rollout import rollout
+    from trajinf.models.tiny import tiny_model, tokenizer_corpus
 
     env = make_env("builtin")
     tasks = env.tasks("train", n_tasks, 0)
@@ -145,7 +144,7 @@ def _tiny_job(d: Path, n_tasks: int = 10) -> Path:
     target = rollout(env, env.tasks("test", 3, 1), ExpertPolicy(), source="t", with_tools=False)
     write_pool(pool, d / "pool.jsonl")
     write_pool(target, d / "target.jsonl")
-    tok = train_tokenizer(_texts(pool + target), vocab_size=300)
+    tok = train_tokenizer(tokenizer_corpus(pool + target), vocab_size=300)
     model = tiny_model(tok, hidden=32, layers=1, heads=2, seed=0)
     model.save_pretrained(d / "model")
     tok.save_pretrained(d / "model")

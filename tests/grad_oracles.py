@@ -24,7 +24,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from trajinf.checkpoints import wrap_lora
+from trajinf.data.tokenize import TokenizedTrajectory
 from trajinf.gradients import ExtractionConfig, TrackedModule
 from trajinf.gradients.projection import (
     DENSE_CHUNK_ROWS,
@@ -32,7 +32,7 @@ from trajinf.gradients.projection import (
     factorized_pair,
     seeded_gaussian,
 )
-from trajinf.tokenize import TokenizedTrajectory
+from trajinf.models.checkpoints import wrap_lora
 
 VOCAB = 100
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from trajinf.baselines import hidden_state_embeddings, item_statistics, rds_scores
-from trajinf.store import FeatureStore
-from trajinf.tokenize import TokenizedTrajectory
+from trajinf.data.tokenize import TokenizedTrajectory
+from trajinf.selection.baselines import hidden_state_embeddings, item_statistics, rds_scores
+from trajinf.store.feature_store import FeatureStore
 
 
 @pytest.fixture(scope="module")

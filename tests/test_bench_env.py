@@ -13,8 +13,8 @@ import pytest
 
 from trajinf.bench.env_bench import BenchConfig, cell_key, plan_cells, read_cells
 from trajinf.bench.metrics import bad_step_localization, lds, summarize_cells
+from trajinf.data.trajectories import trajectory_from_messages
 from trajinf.errors import TrajinfError
-from trajinf.trajectories import trajectory_from_messages
 
 
 def test_lds_recovers_a_linear_datamodel_and_its_sign() -> None:

@@ -12,7 +12,9 @@ from peft import PeftModel
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from trajinf.checkpoints import (
+from trajinf.data.tokenize import TokenizedTrajectory
+from trajinf.gradients import ExtractionConfig, extract_features
+from trajinf.models.checkpoints import (
     load_checkpoint_state,
     load_model,
     model_fingerprint,
@@ -20,8 +22,6 @@ from trajinf.checkpoints import (
     tokenizer_fingerprint,
     wrap_lora,
 )
-from trajinf.gradients import ExtractionConfig, extract_features
-from trajinf.tokenize import TokenizedTrajectory
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 VOCAB = 50

@@ -15,12 +15,13 @@ import pandas as pd
 import pytest
 import torch
 
-from trajinf.api import build_job_config
-from trajinf.distributed import RANKS_DIR, RankContext, rank_context, shutdown
+from trajinf.data.trajectories import load_pool
 from trajinf.errors import TrajinfError
-from trajinf.pipeline import extract_job, score_pool
-from trajinf.selection import select
-from trajinf.trajectories import load_pool
+from trajinf.job.config import build_job_config
+from trajinf.job.distributed import RANKS_DIR
+from trajinf.job.ranks import RankContext, rank_context, shutdown
+from trajinf.job.run import extract_job, score_pool
+from trajinf.selection.select import select
 
 
 def job_config(**kw):
@@ -175,9 +176,9 @@ def test_cli_distributed_via_torchrun_matches_single_process(job, tmp_path):
 def test_huge_gradients_are_kept_and_nonfinite_listed(job, tmp_path, monkeypatch):
     """An item whose features exceed float16's range (TWX self rollouts reach ~8e4) is stored
     scaled and scored; one with a NaN feature is zeroed, listed with its id and skipped."""
-    import trajinf.extract_shards as ex
-    from trajinf.pipeline import nonfinite_ids
-    from trajinf.store import FeatureStore
+    import trajinf.job.shards as ex
+    from trajinf.scoring.source import nonfinite_ids
+    from trajinf.store.feature_store import FeatureStore
 
     real = ex.extract_features
     big_id, nan_id = (t.id for t in load_pool(job / "pool.jsonl")[:2])

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from trajinf.envs import FAMILIES, Task, TextEnv, ToolWorld, make_env
 from trajinf.envs.policies import ExpertPolicy, RandomPolicy
+from trajinf.envs.rollout import rollout
 from trajinf.errors import TrajinfError
-from trajinf.rollout import rollout
 
 
 @pytest.fixture(scope="module")

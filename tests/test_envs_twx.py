@@ -11,9 +11,9 @@ import pytest
 
 from trajinf.envs import Task, TextEnv, make_env
 from trajinf.envs.policies import ExpertPolicy, NoisyExpertPolicy, PlantedHarmfulPolicy
+from trajinf.envs.rollout import rollout
 from trajinf.envs.twx import JAVA_HINT, TwxEnv
 from trajinf.errors import EnvUnavailableError, TrajinfError
-from trajinf.rollout import rollout
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason=f"no java: {JAVA_HINT}")
 GAMES = ("coin", "mapreader", "arithmetic", "twc")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from trajinf.envs import ToolWorld
+from trajinf.envs.evaluate import EvalResult, auroc, evaluate_policy, success_rate_ci
 from trajinf.envs.policies import ExpertPolicy, RandomPolicy
 from trajinf.errors import TrajinfError
-from trajinf.evaluate import EvalResult, auroc, evaluate_policy, success_rate_ci
 
 
 def _pairwise_auroc(scores, labels) -> float:

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from trajinf.data.tokenize import tokenize_pool, tokenize_trajectory
+from trajinf.data.trajectories import load_pool, trajectory_from_messages
 from trajinf.errors import TrajectoryFormatError, TrajinfError
-from trajinf.tokenize import tokenize_pool, tokenize_trajectory
-from trajinf.trajectories import load_pool, trajectory_from_messages
 
 FUZZ = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -204,7 +204,7 @@ def test_ten_thousand_steps_tokenize_in_bounded_time(chatml_tokenizer):
 
 @pytest.mark.parametrize("content", ["{not json\n", '{"id": "a", "messages": []}\n', "[1]\n"])
 def test_cli_prints_one_line_and_exits_2(tmp_path, monkeypatch, capsys, content):
-    from trajinf import cli
+    from trajinf.cli import main as cli
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(content)

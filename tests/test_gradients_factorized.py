@@ -17,7 +17,7 @@ from grad_oracles import (
     token_weights,
 )
 
-from trajinf.checkpoints import CheckpointState
+from trajinf.data.tokenize import TokenizedTrajectory
 from trajinf.errors import TrajinfError
 from trajinf.gradients import (
     ExtractionConfig,
@@ -29,7 +29,7 @@ from trajinf.gradients import (
 )
 from trajinf.gradients.hooks import ActivationGradientCollector
 from trajinf.gradients.projection import factorized_k
-from trajinf.tokenize import TokenizedTrajectory
+from trajinf.models.checkpoints import CheckpointState
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 

@@ -14,11 +14,11 @@ from grad_oracles import (
 )
 from grad_oracles import assert_close as _assert_close
 
-from trajinf.checkpoints import CheckpointState
+from trajinf.data.tokenize import TokenizedTrajectory
 from trajinf.errors import TrajinfError
 from trajinf.gradients import ExtractionConfig, extract_features, tracked_modules
 from trajinf.gradients.projection import DenseProjector
-from trajinf.tokenize import TokenizedTrajectory
+from trajinf.models.checkpoints import CheckpointState
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 

@@ -22,10 +22,10 @@ from grad_oracles import (
 )
 
 import trajinf.gradients.factorized as factorized
+from trajinf.data.tokenize import TokenizedTrajectory
 from trajinf.errors import TrajinfError
 from trajinf.gradients import ExtractionConfig, extract_features, tracked_modules
 from trajinf.gradients.loss_split import capture_head_input
-from trajinf.tokenize import TokenizedTrajectory
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 LOSS = dict(step_split="loss")

@@ -14,12 +14,14 @@ import pytest
 import torch
 from grad_oracles import VOCAB, nll_of, tiny_model, token_weights
 
+from trajinf.data.tokenize import TokenizedTrajectory
 from trajinf.errors import TrajinfError
 from trajinf.gradients import ExtractionConfig, extract_features, tracked_modules
 from trajinf.gradients.kfac import kfac_factors
 from trajinf.gradients.projection import factorized_k, factorized_pair
-from trajinf.scoring import ScoreConfig, kfac_precondition, score_features
-from trajinf.tokenize import TokenizedTrajectory
+from trajinf.scoring.directions import kfac_precondition
+from trajinf.scoring.scores import score_features
+from trajinf.scoring.source import ScoreConfig
 
 torch.set_num_threads(1)
 CFG = ExtractionConfig(mode="factorized", proj_dim=14 * 9, seed=3)  # 14 linears, k = 3

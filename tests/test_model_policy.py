@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from trajinf.data.schema import Trajectory
 from trajinf.envs.base import Task
+from trajinf.envs.model_policy import ModelPolicy, parse_reply, window_messages
+from trajinf.envs.rollout import EpisodeState
 from trajinf.errors import TrajinfError
-from trajinf.model_policy import ModelPolicy, parse_reply, window_messages
-from trajinf.rollout import EpisodeState
-from trajinf.tiny import tiny_model
-from trajinf.train import TrainConfig, train_sft
-from trajinf.trajectories import Trajectory
+from trajinf.models.tiny import tiny_model
+from trajinf.train.sft import TrainConfig, train_sft
 
 ITEMS = ("apple", "key", "coin", "lamp")
 SYSTEM = "You are an agent in a text world."

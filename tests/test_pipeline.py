@@ -11,17 +11,18 @@ import pandas as pd
 import pytest
 import torch
 
-from trajinf.api import build_job_config, select_to_file
-from trajinf.demo_loop import _texts
+from trajinf.data.trajectories import load_pool
+from trajinf.data.write import write_pool
 from trajinf.envs import make_env
 from trajinf.envs.policies import ExpertPolicy, NoisyExpertPolicy, PlantedHarmfulPolicy
+from trajinf.envs.rollout import rollout
 from trajinf.errors import StoreMismatchError, TrajinfError
-from trajinf.pipeline import score_pool
+from trajinf.job.config import build_job_config
+from trajinf.job.run import score_pool
+from trajinf.models.tiny import tiny_model, tokenizer_corpus, train_tokenizer
 from trajinf.report import write_score_report
-from trajinf.rollout import rollout
-from trajinf.tiny import tiny_model, train_tokenizer
-from trajinf.train import DEMO_TRAIN, train_sft
-from trajinf.trajectories import load_pool, write_pool
+from trajinf.selection.export import select_to_file
+from trajinf.train.sft import DEMO_TRAIN, train_sft
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def scored(tmp_path_factory):
     )  # fmt: skip
     write_pool(pool, d / "pool.jsonl")
     write_pool(target, d / "target.jsonl")
-    tok = train_tokenizer(_texts(pool + target), vocab_size=400)
+    tok = train_tokenizer(tokenizer_corpus(pool + target), vocab_size=400)
     model = tiny_model(tok, hidden=32, layers=1, heads=2, seed=0)
     res = train_sft(
         model,
@@ -133,7 +134,7 @@ def test_report_is_written(scored, tmp_path):
 
 def test_sparse_update_mask_tracks_fewer_parameters(scored, tmp_path):
     d, _, _, ckpts, cfg = scored
-    from trajinf.checkpoints import load_model
+    from trajinf.models.checkpoints import load_model
 
     a, b = (dict(load_model(c)[0].named_parameters()) for c in ckpts[:2])
     moved = torch.cat([(a[k] - b[k]).abs().flatten() for k in a if k.endswith("proj.weight")])

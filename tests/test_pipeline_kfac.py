@@ -11,14 +11,15 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from trajinf.api import build_job_config
-from trajinf.cli import app
+from trajinf.cli.app import app
+from trajinf.data.trajectories import load_pool
+from trajinf.data.write import write_pool
 from trajinf.errors import TrajinfError
-from trajinf.pipeline import score_pool
-from trajinf.pipeline_steps import load_kfac, save_kfac
-from trajinf.scoring import score_stores
-from trajinf.store import FeatureStore
-from trajinf.trajectories import load_pool, write_pool
+from trajinf.job.config import build_job_config
+from trajinf.job.kfac import load_kfac, save_kfac
+from trajinf.job.run import score_pool
+from trajinf.scoring.scores import score_stores
+from trajinf.store.feature_store import FeatureStore
 
 
 def config(**kw):
@@ -147,9 +148,8 @@ def test_null_with_identity_factors_is_the_plain_null(job):
     the draws unchanged, so the two nulls agree exactly."""
     from dataclasses import replace as dc_replace
 
-    from trajinf.pipeline_steps import kfac_null_scores
-    from trajinf.scoring import directions_from_stores
-    from trajinf.selection import null_scores
+    from trajinf.scoring.directions import directions_from_stores
+    from trajinf.scoring.harm import kfac_null_scores, null_scores
 
     _d, out, _res = job
     pool = FeatureStore.open(out / "store" / "pool")

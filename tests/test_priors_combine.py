@@ -12,14 +12,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from trajinf.cli import app
+from trajinf.cli.app import app
+from trajinf.data.write import write_pool
 from trajinf.envs import make_env
 from trajinf.envs.policies import ExpertPolicy, NoisyExpertPolicy
+from trajinf.envs.rollout import rollout
 from trajinf.errors import TrajinfError
-from trajinf.priors import combine_steps, mask_stats, trajectory_prior, weights_from_steps
-from trajinf.rollout import rollout
-from trajinf.selection import select
-from trajinf.trajectories import write_pool
+from trajinf.selection.priors import combine_steps, mask_stats, trajectory_prior, weights_from_steps
+from trajinf.selection.select import select
 
 NAN = float("nan")
 

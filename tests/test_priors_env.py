@@ -9,14 +9,15 @@ import math
 import numpy as np
 import pytest
 
+from trajinf.data.tokenize import tokenize_pool, tokenize_trajectory
+from trajinf.data.trajectories import load_pool, trajectory_from_messages
+from trajinf.data.write import write_pool
 from trajinf.envs import make_env
+from trajinf.envs.early_experience import early_experience
 from trajinf.envs.policies import ExpertPolicy, expert_action
+from trajinf.envs.rollout import rollout
 from trajinf.errors import TrajinfError
-from trajinf.priors import step_prior, tool_call_mask, tool_call_spans
-from trajinf.priors.early_experience import early_experience
-from trajinf.rollout import rollout
-from trajinf.tokenize import tokenize_pool, tokenize_trajectory
-from trajinf.trajectories import load_pool, trajectory_from_messages, write_pool
+from trajinf.selection.priors import step_prior, tool_call_mask, tool_call_spans
 
 
 class DetourPolicy:

@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from trajinf.data.trajectories import trajectory_from_messages
 from trajinf.errors import TrajinfError
-from trajinf.priors import group_filter, step_prior, variance_filter
-from trajinf.priors.groups import action_key
-from trajinf.trajectories import trajectory_from_messages
+from trajinf.selection.priors import group_filter, step_prior, variance_filter
+from trajinf.selection.priors.groups import action_key
 
 
 def traj(rid, task, actions, success, *, start="go", tree=None):

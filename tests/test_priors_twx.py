@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 
+from trajinf.envs.early_experience import early_experience
 from trajinf.envs.policies import ExpertPolicy, NoisyExpertPolicy
-from trajinf.priors import step_prior
-from trajinf.priors.early_experience import early_experience
-from trajinf.rollout import rollout
+from trajinf.envs.rollout import rollout
+from trajinf.selection.priors import step_prior
 
 
 @pytest.fixture(scope="module")

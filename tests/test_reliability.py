@@ -19,15 +19,16 @@ import pandas as pd
 import pytest
 import torch
 
-from trajinf.api import build_job_config
-from trajinf.checkpoints import load_model
+from trajinf.data.tokenize import tokenize_pool
+from trajinf.data.trajectories import load_pool
+from trajinf.data.write import write_pool
 from trajinf.errors import StoreMismatchError
 from trajinf.gradients import ExtractionConfig, extract_features
-from trajinf.pipeline import extract_job, score_pool
-from trajinf.selection import select
-from trajinf.store import FeatureStore
-from trajinf.tokenize import tokenize_pool
-from trajinf.trajectories import load_pool, write_pool
+from trajinf.job.config import build_job_config
+from trajinf.job.run import extract_job, score_pool
+from trajinf.models.checkpoints import load_model
+from trajinf.selection.select import select
+from trajinf.store.feature_store import FeatureStore
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "trajinf"
 KILLS = 4  # SIGKILLs per kill test
@@ -280,6 +281,6 @@ def test_no_pickle_anywhere_in_src():
 def test_remote_code_only_on_request():
     on = [f"{p}:{n}" for p, n, line in _code_lines() if re.search(r"remote_code\s*=\s*True", line)]
     assert not on, on
-    from trajinf.pipeline import ScoreJobConfig
+    from trajinf.job.config import ScoreJobConfig
 
     assert ScoreJobConfig().trust_remote_code is False

@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from trajinf.data.trajectories import load_pool
+from trajinf.data.write import write_pool
 from trajinf.envs import FAMILIES, ToolWorld
 from trajinf.envs.families import BIN, CUT, KEY, PART
 from trajinf.envs.policies import (
@@ -14,9 +16,8 @@ from trajinf.envs.policies import (
     PlantedHarmfulPolicy,
     RandomPolicy,
 )
+from trajinf.envs.rollout import EpisodeState, rollout
 from trajinf.errors import TrajinfError
-from trajinf.rollout import EpisodeState, rollout
-from trajinf.trajectories import load_pool, write_pool
 
 
 @pytest.fixture(scope="module")

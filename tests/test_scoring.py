@@ -12,16 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trajinf.errors import StoreMismatchError, TrajinfError
-from trajinf.scoring import (
-    PoolSource,
-    ScoreConfig,
-    prepare_directions,
-    score_features,
-    score_stores,
-    target_directions,
-    top_k,
-)
-from trajinf.store import FeatureStore
+from trajinf.scoring.directions import prepare_directions, target_directions
+from trajinf.scoring.scores import score_features, score_stores, top_k
+from trajinf.scoring.source import PoolSource, ScoreConfig
+from trajinf.store.feature_store import FeatureStore
 
 
 def synth(seed: int, n=7, d=5, c=2, m=6, max_steps=3):
@@ -233,7 +227,7 @@ def test_nonfinite_items_and_bad_targets():
                                   finite=np.array([True] * 6 + [False]))  # fmt: skip
     cfg = ScoreConfig()
     dirs = target_directions(s["target"], cfg, subtasks=s["subtasks"])
-    from trajinf.scoring import score_pool
+    from trajinf.scoring.scores import score_pool
 
     res = score_pool(pool, dirs, cfg)
     assert (
@@ -327,7 +321,7 @@ def test_workers_give_identical_scores_and_top_k(tmp_path, metric, remove_mean, 
 def test_cli_score_has_workers_option():
     from typer.testing import CliRunner
 
-    from trajinf.cli import app
+    from trajinf.cli.app import app
 
     out = CliRunner().invoke(app, ["score", "--help"], env={"COLUMNS": "200"})
     assert out.exit_code == 0 and "--workers" in out.output
@@ -358,7 +352,7 @@ def test_store_top_k_streams_rows_and_reads_ids_of_winners_only(
     """Top-k from a store scans row numbers and scores (blocks crossing shards), reads no
     items table whole and no per-row frame, maps only the k winners to ids, and returns
     exactly what the PoolSource path returns."""
-    import trajinf.scoring as scoring
+    import trajinf.scoring.scores as scoring
 
     store = _many_shard_store(tmp_path / "p")
     assert len(store.shards(0)) >= 3

@@ -8,25 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from trajinf.data.schema import Trajectory
 from trajinf.errors import TrajinfError
-from trajinf.scoring import (
-    PoolSource,
-    ScoreConfig,
-    ScoreResult,
-    prepare_directions,
-    score_pool,
-    score_stores,
-    target_directions,
-)
-from trajinf.selection import (
-    harmful_flags,
-    near_duplicate_filter,
-    null_scores,
-    select,
-    zero_variance_filter,
-)
-from trajinf.store import FeatureStore
-from trajinf.trajectories import Trajectory
+from trajinf.scoring.directions import prepare_directions, target_directions
+from trajinf.scoring.harm import harmful_flags, null_scores
+from trajinf.scoring.scores import ScoreResult, score_pool, score_stores
+from trajinf.scoring.source import PoolSource, ScoreConfig
+from trajinf.selection.select import near_duplicate_filter, select, zero_variance_filter
+from trajinf.store.feature_store import FeatureStore
 
 D = 32
 

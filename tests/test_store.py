@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import trajinf.store as store_mod
+import trajinf.store.feature_store as store_mod
 from trajinf.errors import StoreCorruptError, StoreMismatchError, TrajinfError
-from trajinf.store import FeatureStore
+from trajinf.store.feature_store import FeatureStore
 
 D = 6
 FP = {
@@ -110,9 +110,9 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
 def test_resume_skips_finished_shards(tmp_path, monkeypatch):
     make(tmp_path, n_shards=1)
     writes = []
-    real = store_mod._atomic_write
+    real = store_mod.atomic_write
     monkeypatch.setattr(
-        store_mod, "_atomic_write", lambda p, w: (writes.append(p.name), real(p, w))[1]
+        store_mod, "atomic_write", lambda p, w: (writes.append(p.name), real(p, w))[1]
     )
     st = FeatureStore.create(tmp_path / "s", fingerprint=FP, dim=D, checkpoints=CKPTS)
     for shard in range(3):
@@ -249,9 +249,9 @@ def test_loss_and_finite_are_kept_per_checkpoint(tmp_path):
 
 def test_items_tables_are_written_once_per_shard(tmp_path, monkeypatch):
     writes = []
-    real = store_mod._atomic_write
+    real = store_mod.atomic_write
     monkeypatch.setattr(
-        store_mod, "_atomic_write", lambda p, w: (writes.append(p.name), real(p, w))[1]
+        store_mod, "atomic_write", lambda p, w: (writes.append(p.name), real(p, w))[1]
     )
     st, _ = make(tmp_path, n_shards=5)
     items_writes = [n for n in writes if n.endswith(".parquet")]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from trajinf.chat_templates import CHATML_TOOL_TEMPLATE, END_OF_TURN, LLAMA3_TOOL_TEMPLATE
-from trajinf.tiny import DEFAULT_CORPUS, tiny_model, train_tokenizer
+from trajinf.data.chat_templates import CHATML_TOOL_TEMPLATE, END_OF_TURN, LLAMA3_TOOL_TEMPLATE
+from trajinf.models.tiny import DEFAULT_CORPUS, tiny_model, train_tokenizer
 
 MSGS = [
     {"role": "system", "content": "sys"},

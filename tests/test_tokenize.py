@@ -11,11 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trajinf.chat_templates import CHATML_TOOL_TEMPLATE
+from trajinf.data.chat_templates import CHATML_TOOL_TEMPLATE
+from trajinf.data.tokenize import TrajectoryTooLongError, tokenize_pool, tokenize_trajectory
+from trajinf.data.trajectories import load_pool, trajectory_from_messages
 from trajinf.errors import TemplateError
-from trajinf.tiny import DEFAULT_CORPUS, train_tokenizer
-from trajinf.tokenize import TrajectoryTooLongError, tokenize_pool, tokenize_trajectory
-from trajinf.trajectories import load_pool, trajectory_from_messages
+from trajinf.models.tiny import DEFAULT_CORPUS, train_tokenizer
 
 TEMPLATES = ["chatml", "llama3"]
 HEADER = {

@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from trajinf.data.schema import Trajectory
+from trajinf.data.tokenize import TokenizedTrajectory, tokenize_pool
 from trajinf.errors import TrajinfError
-from trajinf.tiny import tiny_model
-from trajinf.tokenize import TokenizedTrajectory, tokenize_pool
-from trajinf.train import (
+from trajinf.models.tiny import tiny_model
+from trajinf.train.sft import (
     TrainConfig,
     checkpoint_steps,
     collate,
@@ -21,7 +22,6 @@ from trajinf.train import (
     sft_loss,
     train_sft,
 )
-from trajinf.trajectories import Trajectory
 
 VOCAB = 48
 FAST = TrainConfig(epochs=2, lr=1e-2, batch_size=4, warmup_ratio=0.0, scheduler="constant")
@@ -153,7 +153,7 @@ def test_zero_action_items_skipped_with_warning(chatml_tokenizer, items):
 
 
 def test_warmup_checkpoints_store_lr_and_moments(chatml_tokenizer, items, tmp_path):
-    from trajinf.checkpoints import load_checkpoint_state, load_model
+    from trajinf.models.checkpoints import load_checkpoint_state, load_model
 
     model = tiny_model(chatml_tokenizer, hidden=32, layers=1, heads=2, seed=0)
     cfg = TrainConfig(epochs=4, lr=5e-3, batch_size=4, warmup_ratio=0.25, scheduler="linear")

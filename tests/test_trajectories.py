@@ -12,14 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from trajinf.data.schema import Trajectory
+from trajinf.data.trajectories import field_value, load_pool, trajectory_from_messages
+from trajinf.data.write import write_pool
 from trajinf.errors import TrajectoryFormatError
-from trajinf.trajectories import (
-    Trajectory,
-    field_value,
-    load_pool,
-    trajectory_from_messages,
-    write_pool,
-)
 
 DATA = Path(__file__).parent / "data"
 

@@ -1,5 +1,5 @@
 """trajinf adapter: ``trajinf.gradients.extract_features`` for the features and
-``trajinf.scoring.score_features`` for the scores (each query is its own target subtask, so
+``trajinf.scoring.scores.score_features`` for the scores (each query is its own target subtask, so
 column ``score_<query id>`` is that query's score of every train item).
 
 Fit stage = train-pool feature extraction (+ the K-FAC factor pass over the train pool for the
@@ -15,7 +15,7 @@ from peer_common import MethodResult, PeerSetup, Stopwatch
 
 def tokenized(data) -> list:
     """SeqData rows as trajinf ``TokenizedTrajectory`` (action_mask and step ids as given)."""
-    from trajinf.tokenize import TokenizedTrajectory
+    from trajinf.data.tokenize import TokenizedTrajectory
 
     return [
         TokenizedTrajectory(
@@ -45,7 +45,8 @@ def run(
     ``proj_dim`` overrides the harness-wide dimension (the row names then say so)."""
     from trajinf.gradients import ExtractionConfig
     from trajinf.gradients.kfac import kfac_factors
-    from trajinf.scoring import ScoreConfig, score_features
+    from trajinf.scoring.scores import score_features
+    from trajinf.scoring.source import ScoreConfig
 
     model = setup.fresh_model()
     cfg = ExtractionConfig(

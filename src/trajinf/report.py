@@ -16,7 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from trajinf.trajectories import Trajectory, load_pool  # noqa: E402
+from trajinf.data.schema import Trajectory
+from trajinf.data.trajectories import load_pool
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}

@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from trajinf.bench.methods import METHODS
 from trajinf.bench.scenarios import SCENARIOS
-from trajinf.demo import DemoConfig
 from trajinf.errors import TrajinfError
-from trajinf.pipeline_steps import write_json
+from trajinf.loop.demo import DemoConfig
 
 # scenario -> (methods at the headline budget, methods also run at every other budget)
 FULL_GRID: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -275,34 +272,3 @@ def append_jsonl(path: Path, row: dict) -> None:
         f.write(json.dumps(row, default=str) + "\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def run_bench(
-    config: BenchConfig,
-    out: str | Path,
-    *,
-    progress: Callable[[str, int], Callable[[int], None]] | None = None,
-    log: Callable[[str], None] = print,
-) -> dict:
-    """Run every environment plan; write ``out/bench.json`` and ``out/bench.html``."""
-    import torch
-
-    from trajinf.bench.env_report import markdown_tables, write_bench_report
-    from trajinf.bench.runner import run_env
-
-    torch.set_num_threads(1)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"config": asdict(config), "envs": {}, "cells": []}
-    t0 = time.perf_counter()
-    for plan in config.plans:
-        env_out = out / plan.env
-        env_out.mkdir(parents=True, exist_ok=True)
-        res = run_env(plan, config, env_out, progress=progress, log=log)
-        results["envs"][plan.env] = res
-        results["cells"] += res["cells"]
-        results["runtime_s"] = time.perf_counter() - t0
-        write_json(results, out / "bench.json")
-        write_bench_report(results, out / "bench.html")
-        (out / "bench.md").write_text(markdown_tables(results))
-    return results

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from trajinf.api import build_job_config
 from trajinf.errors import TrajinfError
+from trajinf.job.config import build_job_config
 
 # variant name -> build_job_config options (on top of the bench's common ones) + extras
 VARIANTS: dict[str, dict] = {
@@ -44,10 +44,12 @@ class Method:
     """A selection method: ``select`` method name + the variant whose scores it reads."""
 
     name: str
-    select: str  # trajinf.selection.select method
+    select: str  # trajinf.selection.select.select method
     variant: str | None = "inf"  # scores / statistics come from this variant's run
     options: dict = field(default_factory=dict)  # step_weights, drop_harmful, zero_variance
-    prior: str | None = None  # a trajinf.priors step prior: step weights (and ranking for "prior")
+    prior: str | None = (
+        None  # a trajinf.selection.priors step prior: step weights (and ranking for "prior")
+    )
     combine: str | None = None  # combine the prior with the influence step scores: rank | product
 
     @property
@@ -123,8 +125,8 @@ class Scored:
 
 def run_variant(variant: str, scenario, demo, out: Path, *, proj_dim: int, seed: int) -> Scored:
     """Score ``scenario`` with ``variant`` into ``out`` (reused when a finished run is there)."""
-    from trajinf.api import read_scores
-    from trajinf.pipeline import score_pool
+    from trajinf.job.run import score_pool
+    from trajinf.selection.export import read_scores
 
     done = out / "bench_done.json"
     if done.exists():

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from trajinf.evaluate import auroc
-from trajinf.trajectories import Trajectory
+from trajinf.data.schema import Trajectory
+from trajinf.envs.evaluate import auroc
 
 
 def bad_step_localization(pool: Sequence[Trajectory], steps: pd.DataFrame) -> dict:
@@ -58,8 +58,8 @@ def target_losses(model, tokenizer, target: Sequence[Trajectory], field: str = "
     (each trajectory's own mean loss, averaged): {subtask: loss}."""
     import torch
 
-    from trajinf.tokenize import tokenize_pool
-    from trajinf.train import collate, sft_loss
+    from trajinf.data.tokenize import tokenize_pool
+    from trajinf.train.sft import collate, sft_loss
 
     items = tokenize_pool(list(target), tokenizer, max_length=None)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -105,7 +105,7 @@ def lds(
 def summarize_cells(cells: Sequence[dict]) -> dict:
     """Per (scenario, method, budget): success and agreement mean/std/per seed, and paired
     t-tests against random (same budget) and full, over matching seeds."""
-    from trajinf.demo_loop import paired_tests
+    from trajinf.loop.steps import paired_tests
 
     groups: dict[tuple, list[dict]] = {}
     for c in cells:

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from trajinf.checkpoints import wrap_lora
+from trajinf.data.tokenize import TokenizedTrajectory
 from trajinf.gradients import ExtractionConfig, extract_features, feature_dim
 from trajinf.gradients.batching import item_steps, make_batch, model_logits, plan_batches, token_nll
-from trajinf.tokenize import TokenizedTrajectory
+from trajinf.models.checkpoints import wrap_lora
 
 Log = Callable[[str], None]
 

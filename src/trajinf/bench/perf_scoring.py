@@ -140,7 +140,9 @@ def scoring_throughput(n_rows: int, dim: int, n_dirs: list[int], chunks: list[in
     """
     import tempfile
 
-    from trajinf.scoring import Directions, PoolSource, ScoreConfig, score_directions, top_k
+    from trajinf.scoring.directions import Directions
+    from trajinf.scoring.scores import score_directions, top_k
+    from trajinf.scoring.source import PoolSource, ScoreConfig
 
     peak = gemm_rate()
     rng = np.random.default_rng(0)
@@ -178,7 +180,7 @@ def _synthetic_store(path: Path, n_rows: int, dim: int, shard_rows: int, seed: i
     """A one-checkpoint FeatureStore of ``n_rows`` random trajectory rows (fp16 shards)."""
     import pandas as pd
 
-    from trajinf.store import FeatureStore
+    from trajinf.store.feature_store import FeatureStore
 
     store = FeatureStore.create(
         path,
@@ -209,8 +211,8 @@ def score_store_rss(path: str, n_dirs: int, mode: str, chunk_rows: int = 65536) 
     and one block in memory; ids of the winners only); "features": the features alone, block
     by block (``iter_chunks``), running max per direction.
     """
-    from trajinf.scoring import top_k  # noqa: F401  (imports counted in the baseline)
-    from trajinf.store import FeatureStore
+    from trajinf.scoring.scores import top_k  # noqa: F401  (imports counted in the baseline)
+    from trajinf.store.feature_store import FeatureStore
 
     base = peak_rss_mb()  # after imports: the interpreter + numpy/pandas/pyarrow
     t0 = time.perf_counter()
@@ -227,7 +229,9 @@ def score_store_rss(path: str, n_dirs: int, mode: str, chunk_rows: int = 65536) 
 
 
 def _score_store(store, n_dirs: int, mode: str, chunk_rows: int) -> None:
-    from trajinf.scoring import Directions, ScoreConfig, top_k
+    from trajinf.scoring.directions import Directions
+    from trajinf.scoring.scores import top_k
+    from trajinf.scoring.source import ScoreConfig
 
     rng = np.random.default_rng(0)
     dirs = rng.standard_normal((n_dirs, store.dim), dtype=np.float32)
@@ -270,7 +274,7 @@ def store_bytes(workdir: Path, n_items: int, n_steps: int, dim: int, n_ckpt: int
 
     import pandas as pd
 
-    from trajinf.store import FeatureStore
+    from trajinf.store.feature_store import FeatureStore
 
     path = workdir / "bytes-store"
     store = FeatureStore.create(

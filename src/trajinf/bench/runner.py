@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, replace
 from multiprocessing import get_context
@@ -13,17 +14,25 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from trajinf.bench.env_bench import append_jsonl, cell_key, plan_cells, read_cells, read_jsonl
+from trajinf.bench.env_bench import (
+    BenchConfig,
+    append_jsonl,
+    cell_key,
+    plan_cells,
+    read_cells,
+    read_jsonl,
+)
 from trajinf.bench.methods import METHODS, Scored, run_variant
 from trajinf.bench.metrics import bad_step_localization, lds, summarize_cells
 from trajinf.bench.scenarios import build_bench_data
-from trajinf.demo_loop import harmful_detection
+from trajinf.data.trajectories import load_pool
+from trajinf.data.write import write_pool
 from trajinf.envs import make_env
 from trajinf.errors import TrajinfError
-from trajinf.pipeline_steps import write_json
-from trajinf.priors import step_prior, trajectory_prior
-from trajinf.selection import select, zero_variance_filter
-from trajinf.trajectories import load_pool, write_pool
+from trajinf.loop.steps import harmful_detection
+from trajinf.selection.priors import step_prior, trajectory_prior
+from trajinf.selection.select import select, zero_variance_filter
+from trajinf.store.atomic import write_json
 
 
 def run_env(plan, config, out: Path, *, progress=None, log=print) -> dict:
@@ -151,10 +160,10 @@ def _mask_report(data, plan, out: Path) -> dict:
     (another seed and random 10 % sample), at three thresholds (arXiv 2505.11711)."""
     import random
 
-    from trajinf.checkpoints import load_model
     from trajinf.gradients.masks import sparse_update_mask
-    from trajinf.priors import mask_stats
-    from trajinf.train import DEMO_TRAIN, train_sft
+    from trajinf.models.checkpoints import load_model
+    from trajinf.selection.priors import mask_stats
+    from trajinf.train.sft import DEMO_TRAIN, train_sft
 
     path = out / "update_mask.json"
     if path.exists():
@@ -181,8 +190,8 @@ def _mask_report(data, plan, out: Path) -> dict:
 
 def _epoch_seconds(demo, scenarios, out: Path) -> float:
     """Wall time of one training epoch of the base agent over the mixed pool (cost unit)."""
-    from trajinf.checkpoints import load_model
-    from trajinf.train import DEMO_TRAIN, train_sft
+    from trajinf.models.checkpoints import load_model
+    from trajinf.train.sft import DEMO_TRAIN, train_sft
 
     path = out / "epoch.json"
     if path.exists():
@@ -211,7 +220,7 @@ def _select(method: str, scn, scored, budget: float, seed: int, env=None):
     if m.prior:
         values = prior_values(scn, m.prior, env)
         if m.combine:
-            from trajinf.priors import combine_steps
+            from trajinf.selection.priors import combine_steps
 
             values = combine_steps(s.steps, values, how=m.combine)
     pool = scn.pool
@@ -303,8 +312,8 @@ def run_cell(job: dict) -> dict:
     """Fine-tune the base agent on one selection and evaluate it (runs in a worker process)."""
     import torch
 
-    from trajinf.demo import DemoConfig
-    from trajinf.demo_loop import evaluate_model, finetune
+    from trajinf.loop.demo import DemoConfig
+    from trajinf.loop.steps import evaluate_model, finetune
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -330,8 +339,8 @@ def _lds(plan, config, data, scored, out: Path, *, log=print, progress=None) -> 
     """Train ``plan.lds_models`` agents on random 50 % subsets of the mixed pool; LDS of every
     scoring variant and score-based baseline against their target loss per target family."""
     from trajinf.bench.metrics import target_losses
-    from trajinf.checkpoints import load_model
-    from trajinf.train import DEMO_TRAIN, train_sft
+    from trajinf.models.checkpoints import load_model
+    from trajinf.train.sft import DEMO_TRAIN, train_sft
 
     scn = data.scenarios["mixed"]
     ids = [t.id for t in scn.pool]
@@ -381,3 +390,33 @@ def _lds(plan, config, data, scored, out: Path, *, log=print, progress=None) -> 
         + ", ".join(f"{k} {v['lds']:.3f}" for k, v in out_res["methods"].items())
     )
     return out_res
+
+
+def run_bench(
+    config: BenchConfig,
+    out: str | Path,
+    *,
+    progress: Callable[[str, int], Callable[[int], None]] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run every environment plan; write ``out/bench.json`` and ``out/bench.html``."""
+    import torch
+
+    from trajinf.bench.env_report import markdown_tables, write_bench_report
+
+    torch.set_num_threads(1)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"config": asdict(config), "envs": {}, "cells": []}
+    t0 = time.perf_counter()
+    for plan in config.plans:
+        env_out = out / plan.env
+        env_out.mkdir(parents=True, exist_ok=True)
+        res = run_env(plan, config, env_out, progress=progress, log=log)
+        results["envs"][plan.env] = res
+        results["cells"] += res["cells"]
+        results["runtime_s"] = time.perf_counter() - t0
+        write_json(results, out / "bench.json")
+        write_bench_report(results, out / "bench.html")
+        (out / "bench.md").write_text(markdown_tables(results))
+    return results

@@ -22,12 +22,14 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trajinf.checkpoints import load_model
-from trajinf.demo_loop import DemoData, build_demo_data, summarize_pool
+from trajinf.data.schema import Trajectory
+from trajinf.data.trajectories import load_pool
+from trajinf.data.write import write_pool
+from trajinf.envs.model_policy import ModelPolicy
 from trajinf.envs.policies import NoisyExpertPolicy, expert_action
-from trajinf.model_policy import ModelPolicy
-from trajinf.rollout import rollout
-from trajinf.trajectories import Trajectory, load_pool, write_pool
+from trajinf.envs.rollout import rollout
+from trajinf.loop.steps import DemoData, build_demo_data, summarize_pool
+from trajinf.models.checkpoints import load_model
 
 SCENARIOS = ("mixed", "flood", "outcome", "early")
 EE_SOURCES = ("world_model", "reflection")
@@ -189,7 +191,7 @@ def _load(env, config, data_dir: Path, names) -> BenchData:
 def _early_examples(env, config, mixed: list[Trajectory]) -> list[Trajectory]:
     """Early-experience examples from a sample of the pool's expert demos, capped at half the
     mixed pool's size so that they neither swamp the pool nor the scoring cost."""
-    from trajinf.priors.early_experience import early_experience
+    from trajinf.envs.early_experience import early_experience
 
     rng = random.Random(config.seed + 31)
     experts = [t for t in mixed if t.source == "expert" and not t.meta.get("planted")]

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from trajinf.envs.base import ActionGrammar, Task, TextEnv, normalize_action
-from trajinf.envs.builtin import FAMILIES, ToolWorld
+from trajinf.envs.builtin import ToolWorld
+from trajinf.envs.families import FAMILIES
 from trajinf.errors import TrajinfError
 
 ENV_NAMES = ("toolworld", "builtin", "twx", "textworld_express")

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from trajinf.errors import TrajinfError
 
 if TYPE_CHECKING:
-    from trajinf.rollout import EpisodeState
+    from trajinf.envs.rollout import EpisodeState
 
 
 def expert_action(ep: EpisodeState, *, wrong_rule: bool = False, advance: bool = True) -> str:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trajinf.tokenize import TokenizedTrajectory
+from trajinf.data.tokenize import TokenizedTrajectory
 
 
 @dataclass

@@ -8,14 +8,14 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from trajinf.checkpoints import CheckpointState
+from trajinf.data.tokenize import TokenizedTrajectory
 from trajinf.gradients.batching import ItemSteps, item_steps, make_batch, plan_batches
 from trajinf.gradients.config import ExtractionConfig, ItemFeatures
 from trajinf.gradients.factorized import FactorizedExtractor, split_item
 from trajinf.gradients.less import LessExtractor
 from trajinf.gradients.modules import tracked_modules
 from trajinf.gradients.projection import factorized_k
-from trajinf.tokenize import TokenizedTrajectory
+from trajinf.models.checkpoints import CheckpointState
 
 # Items sorted and batched together; results are yielded in input order after each window,
 # so memory stays bounded while batches are still length-bucketed.
@@ -32,7 +32,7 @@ def feature_dim(model: torch.nn.Module, config: ExtractionConfig) -> int:
 
 
 @contextmanager
-def _eval_mode(model: torch.nn.Module):
+def eval_mode(model: torch.nn.Module):
     """Dropout off during extraction; the caller's train/eval flag is restored."""
     was_training = model.training
     model.eval()
@@ -42,7 +42,7 @@ def _eval_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
+def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -66,7 +66,7 @@ def extract_features(
     """
     config.validate()
     modules = tracked_modules(model, config.modules)
-    device = _model_device(model)
+    device = model_device(model)
     kwargs = {"checkpoint_state": checkpoint_state, "update_mask": update_mask}
     if config.mode == "factorized":
         extractor = FactorizedExtractor(modules, config, device, **kwargs)
@@ -77,7 +77,7 @@ def extract_features(
     done = progress if progress is not None else (lambda n: None)
     for start in range(0, len(items), WINDOW_ITEMS):
         window = list(range(start, min(start + WINDOW_ITEMS, len(items))))
-        with _eval_mode(model):
+        with eval_mode(model):
             results = window_fn(model, items, window, extractor, config, done)
         for i in window:
             yield results[i]
@@ -114,7 +114,7 @@ def _factorized_window(
     model, items, window, extractor: FactorizedExtractor, config, done: Callable[[int], None]
 ) -> dict[int, ItemFeatures]:
     steps = {i: item_steps(items[i], config.loss_normalization) for i in window}
-    device = _model_device(model)
+    device = model_device(model)
 
     def run(indices: list[int]) -> dict[int, ItemFeatures]:
         batch = make_batch([items[i] for i in indices], [steps[i] for i in indices], device)

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from trajinf.checkpoints import CheckpointState
 from trajinf.errors import TrajinfError
 from trajinf.gradients.batching import Batch, ItemSteps, model_logits, token_nll
 from trajinf.gradients.config import ExtractionConfig
@@ -28,6 +27,7 @@ from trajinf.gradients.loss_split import capture_head_input, per_step_backward
 from trajinf.gradients.modules import TrackedModule
 from trajinf.gradients.preconditioners import factored_adam_scales
 from trajinf.gradients.projection import factorized_k, factorized_pair
+from trajinf.models.checkpoints import CheckpointState
 
 
 def row_col_masks(mask: torch.Tensor, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:

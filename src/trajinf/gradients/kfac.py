@@ -8,7 +8,7 @@ summed over the n real (non-pad) token positions of a sample of pool items. g is
 gradient of each item's action-weighted loss (the same backward as the features), so the loss's
 token weights enter through g; A counts every position, as the feature sums over every position.
 Scoring then applies (G_l + lambda_G I)^-1 F_l (A_l + lambda_A I)^-1 to the target features
-(:func:`trajinf.scoring_directions.kfac_precondition`).
+(:func:`trajinf.scoring.directions.kfac_precondition`).
 
 The factors come from a separate pass over up to ``max_items`` pool items (one forward + one
 backward per batch, no feature buffers), not from the store extraction: simpler, and a few
@@ -22,15 +22,15 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from trajinf.checkpoints import CheckpointState
+from trajinf.data.tokenize import TokenizedTrajectory
 from trajinf.errors import TrajinfError
 from trajinf.gradients.batching import item_steps, make_batch, model_logits, plan_batches, token_nll
 from trajinf.gradients.config import ExtractionConfig
-from trajinf.gradients.extract import _eval_mode, _model_device
+from trajinf.gradients.extract import eval_mode, model_device
 from trajinf.gradients.factorized import FactorizedExtractor
 from trajinf.gradients.hooks import ActivationGradientCollector
 from trajinf.gradients.modules import TrackedModule, tracked_modules
-from trajinf.tokenize import TokenizedTrajectory
+from trajinf.models.checkpoints import CheckpointState
 
 KfacFactors = dict[str, tuple[np.ndarray, np.ndarray]]
 
@@ -87,7 +87,7 @@ def kfac_factors(
     if max_items < 1:
         raise TrajinfError(f"kfac_factors: max_items must be >= 1, got {max_items}")
     modules = tracked_modules(model, config.modules)
-    device = _model_device(model)
+    device = model_device(model)
     extractor = FactorizedExtractor(
         modules, config, device, checkpoint_state=checkpoint_state, update_mask=update_mask
     )
@@ -101,7 +101,7 @@ def kfac_factors(
         raise TrajinfError("kfac_factors: no item has action tokens")
     acc = _FactorAccumulator(extractor)
     n_tokens = 0
-    with _eval_mode(model):
+    with eval_mode(model):
         for group in plan_batches([len(chosen[i].input_ids) for i in keep], config.batch_tokens):
             idx = [keep[j] for j in group]
             batch = make_batch([chosen[i] for i in idx], [steps[i] for i in idx], device)

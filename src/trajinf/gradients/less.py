@@ -19,14 +19,14 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from trajinf.checkpoints import CheckpointState
+from trajinf.data.tokenize import TokenizedTrajectory
 from trajinf.errors import TrajinfError
 from trajinf.gradients.batching import ItemSteps, make_batch, model_logits, token_nll
 from trajinf.gradients.config import ExtractionConfig
 from trajinf.gradients.modules import TrackedModule
 from trajinf.gradients.preconditioners import adam_precondition
 from trajinf.gradients.projection import DenseProjector
-from trajinf.tokenize import TokenizedTrajectory
+from trajinf.models.checkpoints import CheckpointState
 
 # Flattened gradient rows held before one projection pass (bytes); bigger amortizes the
 # generation of the random matrix over more rows.

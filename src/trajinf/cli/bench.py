@@ -1,0 +1,51 @@
+"""``trajinf bench``: the environment benchmark (default) and its ``perf`` / ``peers`` verbs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from trajinf.cli.app import app, console, progress_bars
+
+bench_app = typer.Typer(
+    add_completion=False,
+    help="Benchmarks: env (default: selection methods retrained and evaluated), perf, peers.",
+    invoke_without_command=True,
+)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.callback()
+def bench(
+    ctx: typer.Context,
+    env: str = typer.Option("all", help="builtin | twx | all (both environments)."),
+    seeds: int = typer.Option(None, help="Training seeds per cell (default: the preset's)."),
+    quick: bool = typer.Option(False, help="CI-sized run (a few minutes)."),
+    scenarios: str = typer.Option(
+        "mixed,flood,outcome,early",
+        help="Comma list of scenarios: mixed, flood, outcome, early (early-experience data).",
+    ),
+    budgets: str = typer.Option("", help="Comma list of budgets (default 0.05,0.1,0.25)."),
+    workers: int = typer.Option(None, help="Processes for retraining cells (default: preset)."),
+    out: Path = typer.Option(Path("bench-out"), help="Output directory (bench.json, bench.html)."),
+) -> None:
+    """Which trajectories does influence find, and does selecting them win?
+
+    Retrains the same base agent on each method's selection over seeds and budgets and measures
+    held-out env success, harmful / bad-step detection AUROC, LDS and cost.
+
+    Example:  trajinf bench --quick --out /tmp/bench
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from trajinf.bench.env_bench import BenchConfig
+    from trajinf.bench.runner import run_bench
+
+    cfg = BenchConfig.quick() if quick else BenchConfig.full()
+    cfg = cfg.with_options(
+        env=env, seeds=seeds, scenarios=scenarios, budgets=budgets, workers=workers
+    )
+    with progress_bars() as bars:
+        res = run_bench(cfg, out, progress=bars, log=console.print)
+    console.print(f"bench: {len(res['cells'])} cells -> {out}/bench.json, {out}/bench.html")

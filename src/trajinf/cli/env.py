@@ -1,0 +1,199 @@
+"""CLI verbs of the environment loop: rollout, train, eval, demo (registered on ``cli.app``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from trajinf.cli.app import app, console, progress_bars
+from trajinf.errors import TrajinfError
+
+POLICIES = ("expert", "noisy", "planted", "random", "model")
+
+
+def _policy(name: str, *, model: Path | None, noise: float, temperature: float, seed: int):
+    from trajinf.envs.policies import (
+        ExpertPolicy,
+        NoisyExpertPolicy,
+        PlantedHarmfulPolicy,
+        RandomPolicy,
+    )
+
+    if name == "expert":
+        return ExpertPolicy()
+    if name == "noisy":
+        return NoisyExpertPolicy(noise)
+    if name == "planted":
+        return PlantedHarmfulPolicy()
+    if name == "random":
+        return RandomPolicy()
+    if name == "model":
+        if model is None:
+            raise TrajinfError("--policy model needs --model DIR")
+        from trajinf.envs.model_policy import ModelPolicy
+        from trajinf.models.checkpoints import load_model
+
+        m, tok = load_model(model)
+        return ModelPolicy(m, tok, mode="rank", temperature=temperature, seed=seed)
+    raise TrajinfError(f"--policy must be one of {', '.join(POLICIES)}, got '{name}'")
+
+
+@app.command()
+def rollout(
+    out: Path = typer.Option(..., help="JSONL file to write (OpenAI chat with tool_calls)."),
+    env: str = typer.Option("builtin", help="builtin | twx"),
+    policy: str = typer.Option("expert", help="expert | noisy | planted | random | model"),
+    model: Path = typer.Option(None, help="Model dir for --policy model."),
+    split: str = typer.Option("train", help="Task split: train | test | dev."),
+    n_tasks: int = typer.Option(50, help="Number of tasks."),
+    per_task: int = typer.Option(1, help="Rollouts per task (a group, for GRPO-style data)."),
+    noise: float = typer.Option(0.3, help="Random-action probability of --policy noisy."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature of --policy model."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Run a policy in an environment and write its trajectories.
+
+    Example:  trajinf rollout --env builtin --policy noisy --noise 0.4 --n-tasks 100 --out noisy.jsonl
+    """
+    from trajinf.data.write import write_pool
+    from trajinf.envs import make_env
+    from trajinf.envs.rollout import rollout as run
+
+    e = make_env(env)
+    pol = _policy(policy, model=model, noise=noise, temperature=temperature, seed=seed)
+    trajs = run(
+        e, e.tasks(split, n_tasks, seed), pol, source=policy, n_per_task=per_task, seed=seed
+    )
+    write_pool(trajs, out)
+    ok = sum(bool(t.success) for t in trajs)
+    console.print(f"{len(trajs)} trajectories ({ok} labelled success) -> {out}")
+
+
+@app.command()
+def train(
+    data: Path = typer.Option(
+        ..., help="Training trajectories (JSONL; per-step `weight` honored)."
+    ),
+    out: Path = typer.Option(..., help="Output model directory (save_pretrained)."),
+    base: Path = typer.Option(
+        None, help="Model dir to start from; omit for a tiny model from scratch."
+    ),
+    epochs: int = typer.Option(3),
+    lr: float = typer.Option(None, help="Peak learning rate (default: the demo's)."),
+    lora: bool = typer.Option(False, help="Train LoRA adapters (peft) instead of all weights."),
+    checkpoints: int = typer.Option(0, help="Save N warmup checkpoints (lr + Adam moments)."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Supervised fine-tuning on action tokens; optional warmup checkpoints for LESS scoring.
+
+    Example:  trajinf train --data selected.jsonl --base base/ --epochs 4 --out tuned/
+    """
+    from trajinf.data.trajectories import load_pool
+    from trajinf.models.checkpoints import load_model
+    from trajinf.models.tiny import tiny_model, train_tokenizer
+    from trajinf.train.sft import DEMO_MODEL, DEMO_TRAIN, train_sft
+
+    trajs = load_pool(data)
+    if base is None:
+        from trajinf.models.tiny import tokenizer_corpus
+
+        tok = train_tokenizer(tokenizer_corpus(trajs), vocab_size=DEMO_MODEL["vocab_size"])
+        model = tiny_model(
+            tok, seed=seed, **{k: v for k, v in DEMO_MODEL.items() if k != "vocab_size"}
+        )
+    else:
+        model, tok = load_model(base, lora=lora)
+    cfg = replace(DEMO_TRAIN, epochs=epochs, seed=seed, lora=lora and base is None)
+    if lr is not None:
+        cfg = replace(cfg, lr=lr)
+    with progress_bars() as bars:
+        res = train_sft(
+            model,
+            tok,
+            trajs,
+            cfg,
+            checkpoint_dir=out / "checkpoints" if checkpoints else None,
+            n_checkpoints=checkpoints,
+            progress=bars("train steps", None),
+        )
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    console.print(f"trained on {len(trajs)} trajectories -> {out}; checkpoints: {res.checkpoints}")
+
+
+@app.command(name="eval")
+def eval_(
+    model: Path = typer.Option(..., help="Model dir."),
+    env: str = typer.Option("builtin", help="builtin | twx"),
+    split: str = typer.Option("test"),
+    n_tasks: int = typer.Option(100),
+    families: list[str] = typer.Option([], help="Only these subtask families (repeat)."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Success rate of a model (rank mode over valid actions) on held-out tasks, per subtask.
+
+    Example:  trajinf eval --model tuned/ --env builtin --n-tasks 200
+    """
+    from trajinf.envs import make_env
+    from trajinf.envs.evaluate import evaluate_policy
+    from trajinf.envs.model_policy import ModelPolicy
+    from trajinf.models.checkpoints import load_model
+
+    m, tok = load_model(model)
+    res = evaluate_policy(
+        make_env(env),
+        ModelPolicy(m, tok, mode="rank"),
+        split=split,
+        n_tasks=n_tasks,
+        seed=seed,
+        families=families or None,
+    )
+    typer.echo(json.dumps(res.to_dict(), indent=2))
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-out"), help="Output directory."),
+    env: str = typer.Option(None, help="builtin | twx (default: twx, or builtin with --quick)."),
+    seeds: int = typer.Option(None, help="Training seeds per method."),
+    quick: bool = typer.Option(False, help="CI-sized run on the built-in environment."),
+    budget: float = typer.Option(None, help="Selection budget as a fraction of the pool."),
+) -> None:
+    """The whole loop: rollouts -> warmup -> influence -> selections -> retrain -> success.
+
+    Example:  trajinf demo --quick --out demo-out
+    """
+    from trajinf.loop.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig.quick() if quick else DemoConfig.default()
+    over = {"env": env, "seeds": seeds, "budget": budget}
+    cfg = replace(cfg, **{k: v for k, v in over.items() if v is not None})
+    with progress_bars() as bars:
+        res = run_demo(cfg, out, progress=bars, log=lambda s: console.print(f"[dim]{s}[/dim]"))
+    table = Table(
+        title=f"env success on held-out target tasks (budget {cfg.budget:.0%}, {cfg.seeds} seeds)"
+    )
+    for col in ("method", "selected", "success mean", "std", "per seed", "step agreement"):
+        table.add_column(col)
+    for name, r in res["methods"].items():
+        table.add_row(
+            name,
+            str(r["n_selected"]),
+            f"{r['success_rate_mean']:.3f}",
+            f"{r['success_rate_std']:.3f}",
+            " ".join(f"{x:.2f}" for x in r["per_seed"]),
+            f"{r['step_agreement_mean']:.3f} ± {r['step_agreement_std']:.3f}",
+        )
+    Console().print(table)  # the table goes to stdout; logs and bars to stderr
+    console.print(
+        f"base agent: success {res['base_success_rate']:.3f}, step agreement "
+        f"{res['base_step_agreement']:.3f}; harmful detection: {res['harmful_detection']}"
+    )
+    console.print(
+        f"runtime: {res['runtime_s']['total_s']:.0f}s -> {out}/results.json, {out}/report.html"
+    )

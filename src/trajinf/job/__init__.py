@@ -1,0 +1,1 @@
+"""trajinf.job."""

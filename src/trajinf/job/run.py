@@ -1,0 +1,277 @@
+"""The scoring job: pool + target + model (+ warmup checkpoints) -> stores, scores, flags.
+
+One orchestrator over the stage modules; each stage stays usable alone. The job is resumable:
+features are written shard by shard into ``OUT/store/{pool,target}`` and a rerun skips finished
+shards (checksums verified by the store).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from trajinf.data.schema import Trajectory
+from trajinf.data.tokenize import TokenizedTrajectory
+from trajinf.errors import TrajinfError
+from trajinf.gradients import ExtractionConfig
+from trajinf.job.append import score_appended
+from trajinf.job.config import ScoreJobConfig, ScoreOutputs
+from trajinf.job.distributed import ProgressFactory, extract_store
+from trajinf.job.inputs import checkpoint_list, load_inputs, subtask_labels, with_meta
+from trajinf.job.kfac import job_kfac_factors
+from trajinf.job.ranks import RankContext
+from trajinf.job.shards import pool_digest, resolve_device
+from trajinf.scoring.directions import KfacFactors, directions_from_stores
+from trajinf.scoring.harm import harmful_flags, kfac_null_scores, null_scores
+from trajinf.scoring.scores import ScoreResult, score_stores, top_k
+from trajinf.scoring.scores import (
+    score_pool as score_directions_pool,
+)
+from trajinf.scoring.source import PoolSource, ScoreConfig, nonfinite_ids
+from trajinf.selection.baselines import baseline_statistics
+from trajinf.store.atomic import write_json, write_parquet
+from trajinf.store.feature_store import FeatureStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractedJob:
+    """What :func:`extract_job` produced: the stores and the inputs they were built from."""
+
+    stores: dict[str, FeatureStore]
+    pool: list[Trajectory]
+    target: list[Trajectory]
+    pool_tokens: list[TokenizedTrajectory]
+    target_tokens: list[TokenizedTrajectory]
+    checkpoints: list[Path]
+    timings: dict[str, float]
+
+
+def extract_job(
+    model_dir: str | Path,
+    pool: str | Path | Sequence[Trajectory],
+    out: str | Path,
+    *,
+    target: str | Path | Sequence[Trajectory] | None = None,
+    checkpoints: Sequence[str | Path] = (),
+    config: ScoreJobConfig | None = None,
+    progress: ProgressFactory | None = None,
+    rank: RankContext | None = None,
+) -> ExtractedJob:
+    """Extract the pool (and target) stores of a scoring job into ``out/store/{pool,target}``
+    without scoring; ``score_pool`` / ``trajinf score`` with the same options reuse them. Under
+    ``torchrun`` pass ``rank=rank_context()``: shards are split over ranks and merged by rank 0.
+    """
+    config = config or ScoreJobConfig()
+    ctx = rank or RankContext()
+    out = Path(out)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    ckpts = checkpoint_list(Path(model_dir), checkpoints)
+    targets = target if target is not None else []
+    pool_trajs, target_trajs, pool_tok, target_tok = load_inputs(
+        Path(model_dir), pool, targets, config
+    )
+    timings["load_tokenize_s"] = time.perf_counter() - t0
+    device = ctx.device() if ctx.backend == "nccl" else resolve_device(config.device)
+    common = dict(
+        update_mask=_update_mask(config),
+        lora=config.lora,
+        shard_items=config.shard_items,
+        progress=progress,
+        rank=ctx,
+        device=device,
+        trust_remote_code=config.trust_remote_code,
+    )
+    stores = {}
+    for name, trajs, toks, src, cfg in (
+        ("pool", pool_trajs, pool_tok, pool, config.extraction),
+        ("target", target_trajs, target_tok, targets, _target_config(config)),
+    ):
+        if name == "target" and target is None:
+            continue
+        t0 = time.perf_counter()
+        stores[name] = extract_store(
+            out / "store" / name,
+            trajs,
+            toks,
+            subtask_labels(trajs, config.subtask_field),
+            ckpts,
+            cfg,
+            input_digest=pool_digest(src, trajs),
+            label=name,
+            **common,
+        )
+        timings[f"extract_{name}_s"] = time.perf_counter() - t0
+    return ExtractedJob(stores, pool_trajs, target_trajs, pool_tok, target_tok, ckpts, timings)
+
+
+def _update_mask(config: ScoreJobConfig) -> dict | None:
+    """The sparse update mask of ``config.update_mask_from`` (None when not asked for)."""
+    if config.update_mask_from is None:
+        return None
+    from trajinf.gradients import mask_density, sparse_update_mask
+    from trajinf.models.checkpoints import load_model
+
+    a, b = config.update_mask_from
+    threshold = config.extraction.update_mask_threshold
+    if threshold is None:
+        threshold = config.extraction.update_mask_threshold = 1e-5
+    mask = sparse_update_mask(load_model(a)[0], load_model(b)[0], threshold=threshold)
+    log.info("update mask from %s -> %s: density %.4f", a, b, mask_density(mask))
+    return mask
+
+
+def _target_config(config: ScoreJobConfig) -> ExtractionConfig:
+    # LESS: target gradients are plain (no optimizer preconditioning).
+    return ExtractionConfig(**{**asdict(config.extraction), "preconditioner": "none"})
+
+
+def score_pool(
+    model_dir: str | Path,
+    pool: str | Path | Sequence[Trajectory],
+    target: str | Path | Sequence[Trajectory],
+    out: str | Path,
+    *,
+    checkpoints: Sequence[str | Path] = (),
+    config: ScoreJobConfig | None = None,
+    progress: ProgressFactory | None = None,
+    append: bool = False,
+    top_k: int | None = None,
+) -> ScoreOutputs:
+    """Score every pool trajectory and step against the target; write stores and parquet tables.
+
+    Writes ``out/store/{pool,target}/``, ``out/scores.parquet`` (id, score, per-subtask scores,
+    harmful, ...), ``out/step_scores.parquet`` (id, step, score), ``out/statistics.parquet``
+    (baseline statistics: loss, grad_norm, length, rds) and ``out/job.json`` (with
+    ``"nonfinite"``: ids whose loss or gradient was not finite; they get NaN scores and are never
+    selected). Every output is written atomically, so a killed job leaves old or new files.
+
+    ``append=True`` with an existing ``out``: pool trajectories whose ids are already in the
+    pool store are skipped; the others are extracted into new shards and scored against the
+    stored target with the stored directions and harmful thresholds, and their rows are added
+    to the tables. ``top_k=k``: only a selection is needed, so the k best trajectories are kept
+    by a streaming pass (memory: one block plus k) and written to ``out/top.parquet``
+    (id, score); no step scores, null or flags.
+    """
+    config = config or ScoreJobConfig()
+    out = Path(out)
+    if append and (out / "job.json").exists():
+        return score_appended(
+            model_dir, pool, target, out, checkpoints=checkpoints, config=config, progress=progress
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    ext = extract_job(
+        model_dir,
+        pool,
+        out,
+        target=target,
+        checkpoints=checkpoints,
+        config=config,
+        progress=progress,
+    )
+    timings = ext.timings
+    pool_store, target_store = ext.stores["pool"], ext.stores["target"]
+    pool_trajs, pool_tok, ckpts = ext.pool, ext.pool_tokens, ext.checkpoints
+    job = {
+        "model": str(model_dir),
+        "checkpoints": [str(c) for c in ckpts],
+        "config": config.to_dict(),
+        "n_pool": len(pool_trajs),
+        "n_target": len(ext.target),
+        "dropped_steps": int(sum(t.dropped_steps for t in pool_tok)),
+        # top_k keeps no per-row table of the pool: its non-finite ids come from a row scan
+        "nonfinite": nonfinite_ids(pool_store) if top_k is None else nonfinite_ids(pool_store),
+        "nonfinite_target": nonfinite_ids(target_store),
+    }
+    factors = None
+    if config.scoring.preconditioner == "kfac":
+        t0 = time.perf_counter()
+        factors = job_kfac_factors(
+            out,
+            ckpts,
+            pool_tok,
+            pool_store,
+            config,
+            update_mask=lambda: _update_mask(config),
+            device=resolve_device(config.device),
+        )
+        timings["kfac_s"] = time.perf_counter() - t0
+    if top_k is not None:
+        t0 = time.perf_counter()
+        top = top_k_scores(pool_store, target_store, config.scoring, top_k, kfac=factors)
+        write_parquet(top, out / "top.parquet")
+        timings["score_s"] = time.perf_counter() - t0
+        write_json({**job, "top_k": top_k, "timings": timings}, out / "job.json")
+        return ScoreOutputs(
+            out, top, pd.DataFrame({"id": [], "step": [], "score": []}), {}, timings
+        )
+
+    t0 = time.perf_counter()
+    if factors is None:
+        result: ScoreResult = score_stores(pool_store, target_store, config.scoring)
+        null = null_scores(
+            pool_store,
+            target_store,
+            config.scoring,
+            n_directions=config.null_directions,
+            seed=config.seed,
+        )
+    else:  # the null's random targets are preconditioned too (kfac_null_scores)
+        dirs = directions_from_stores(pool_store, target_store, config.scoring, kfac=factors)
+        src = PoolSource.from_store(pool_store)
+        result = score_directions_pool(src, dirs, config.scoring)
+        null = kfac_null_scores(
+            src,
+            dirs,
+            factors,
+            config.scoring,
+            n_directions=config.null_directions,
+            seed=config.seed,
+        )
+    flags, harmful_info = harmful_flags(result, null, alpha=config.harmful_alpha)
+    timings["score_s"] = time.perf_counter() - t0
+
+    traj = with_meta(result.trajectories.merge(flags, on="id", how="left"), pool_trajs)
+    write_parquet(traj, out / "scores.parquet")
+    write_parquet(result.steps, out / "step_scores.parquet")
+    if config.baselines:
+        t0 = time.perf_counter()
+        stats = baseline_statistics(
+            model_dir,
+            pool_tok,
+            ext.target_tokens,
+            pool_store,
+            target_store,
+            pool_trajs,
+            trust_remote_code=config.trust_remote_code,
+        )
+        write_parquet(stats, out / "statistics.parquet")
+        timings["baselines_s"] = time.perf_counter() - t0
+    job = {**job, "harmful": harmful_info, "timings": timings}
+    write_json(job, out / "job.json")
+    return ScoreOutputs(out, traj, result.steps, harmful_info, timings)
+
+
+def top_k_scores(
+    pool: FeatureStore,
+    target: FeatureStore,
+    config: ScoreConfig,
+    k: int,
+    *,
+    kfac: KfacFactors | Sequence[KfacFactors] | None = None,
+) -> pd.DataFrame:
+    """The ``k`` best trajectories (id, score; descending) by one streaming pass over the pool
+    (:func:`trajinf.scoring.scores.top_k`); non-finite items are never among them. ``kfac``: factors
+    for ``config.preconditioner="kfac"``."""
+    if k < 1:
+        raise TrajinfError(f"top_k must be >= 1, got {k}")
+    if config.preconditioner == "kfac":
+        return top_k(pool, directions_from_stores(pool, target, config, kfac=kfac), config, k)
+    return top_k(pool, target, config, k)

@@ -1,0 +1,212 @@
+"""The pieces of the demo loop: build the data and base agent, fine-tune, evaluate, compare."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from trajinf.data.schema import Trajectory
+from trajinf.envs.evaluate import auroc, evaluate_policy, expert_step_agreement
+from trajinf.envs.model_policy import ModelPolicy
+from trajinf.envs.policies import ExpertPolicy, NoisyExpertPolicy, PlantedHarmfulPolicy
+from trajinf.envs.rollout import rollout
+from trajinf.models.checkpoints import load_model
+from trajinf.models.tiny import tiny_model, tokenizer_corpus, train_tokenizer
+from trajinf.train.sft import DEMO_MODEL, DEMO_TRAIN, train_sft
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class DemoData:
+    """What the demo builds before scoring: the pool, the target and the models on disk."""
+
+    pool: list[Trajectory]
+    target: list[Trajectory]
+    target_families: list[str]
+    base_dir: Path  # the agent before selection (tokenizer included)
+    warm_dir: Path  # last warmup checkpoint
+    checkpoints: list[Path]  # warmup checkpoints (lr + optimizer moments)
+    base_success: dict  # evaluate_model() of the base agent
+    pool_summary: dict
+
+
+def _is_planted(t: Trajectory) -> bool:
+    return bool(t.meta.get("planted"))
+
+
+def summarize_pool(pool: Sequence[Trajectory]) -> dict:
+    """Counts and success rates by source (planted counted apart, by their hidden label)."""
+    out: dict[str, dict] = {}
+    for t in pool:
+        key = "planted" if _is_planted(t) else (t.source or "?")
+        d = out.setdefault(key, {"n": 0, "labelled_success": 0})
+        d["n"] += 1
+        d["labelled_success"] += int(bool(t.success))
+    return out
+
+
+def build_demo_data(env, config, out: Path, *, progress=None, log: Log = print) -> DemoData:
+    """Tasks -> target demos, pool (expert, noisy, planted, self) -> base agent -> warmup."""
+    rng = random.Random(config.seed)
+    families = list(getattr(env, "families", None) or env.games)
+    target_families = list(config.target_families or families[: max(1, len(families) // 2)])
+    n_target = config.n_target_per_family * len(target_families)
+    n_base = config.n_base_tasks
+    tasks = env.tasks("train", config.n_train_tasks + 4 * n_target + n_base, config.seed)
+    target_tasks: list = []
+    for fam in target_families:
+        target_tasks += [t for t in tasks if t.family == fam][: config.n_target_per_family]
+    held = {t.id for t in target_tasks}
+    rest = [t for t in tasks if t.id not in held]
+    pool_tasks, base_tasks = rest[: config.n_train_tasks], rest[config.n_train_tasks :][:n_base]
+
+    log(f"env {env.name}: {len(pool_tasks)} pool tasks, target families {target_families}")
+
+    def roll(tasks_, policy, source, *, seed=config.seed, **kw):
+        return rollout(
+            env, tasks_, policy, source=source, seed=seed, with_tools=config.with_tools, **kw
+        )
+
+    target = roll(target_tasks, ExpertPolicy(), "target")
+    expert = roll(pool_tasks, ExpertPolicy(), "expert")
+    noisy: list[Trajectory] = []
+    for k, level in enumerate(config.noisy_levels):
+        noisy += roll(
+            pool_tasks,
+            NoisyExpertPolicy(level),
+            "noisy",
+            seed=config.seed + 1 + k,
+            id_prefix=f"noisy{level:g}",
+        )
+    fam_tasks = [t for t in pool_tasks if t.family in target_families]
+    n_planted = max(1, round(config.planted_fraction * len(fam_tasks)))
+    planted: list[Trajectory] = []
+    if hasattr(env, "next_action"):  # planting a wrong rule needs a re-planning expert
+        # disguised as expert demos: only meta["planted"] knows
+        planted = roll(
+            rng.sample(fam_tasks, n_planted), PlantedHarmfulPolicy(), "expert", id_prefix="demo"
+        )
+    else:
+        log(f"env {env.name} has no re-planning expert: no planted-harmful trajectories")
+    base_demos = roll(base_tasks, ExpertPolicy(), "base")
+
+    tokenizer = train_tokenizer(
+        tokenizer_corpus(target + expert + noisy + planted + base_demos),
+        vocab_size=DEMO_MODEL["vocab_size"],
+    )
+    model_kw = {k: v for k, v in {**DEMO_MODEL, **config.model}.items() if k != "vocab_size"}
+    model = tiny_model(tokenizer, seed=config.seed, **model_kw)
+
+    seed_set = base_demos
+    log(f"base agent: training on {len(seed_set)} expert demos of tasks outside the pool")
+    train_sft(
+        model, tokenizer, seed_set, replace(DEMO_TRAIN, epochs=config.base_epochs, seed=config.seed)
+    )
+    base_dir = out / "models" / "base"
+    model.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    base_success = evaluate_model(env, model, tokenizer, target_families, config)
+    log(
+        f"base agent on held-out target tasks: success {base_success['success_rate']:.3f}, "
+        f"expert-step agreement {base_success['step_agreement']:.3f}"
+    )
+
+    self_policy = ModelPolicy(model, tokenizer, mode="rank", temperature=1.0, seed=config.seed)
+    selfr = roll(pool_tasks, self_policy, "self", n_per_task=config.self_per_task)
+    pool = expert + noisy + planted + selfr
+
+    warm_set = rng.sample(pool, max(2, round(config.warmup_fraction * len(pool))))
+    log(
+        f"warmup: {len(warm_set)} random pool trajectories, {config.warmup_checkpoints} checkpoints"
+    )
+    warm_model, _ = load_model(base_dir)
+    res = train_sft(
+        warm_model,
+        tokenizer,
+        warm_set,
+        replace(DEMO_TRAIN, epochs=config.warmup_checkpoints, seed=config.seed),
+        checkpoint_dir=out / "models" / "warmup",
+        n_checkpoints=config.warmup_checkpoints,
+    )
+    ckpts = [Path(c["path"]) for c in res.checkpoints]
+    return DemoData(
+        pool=pool,
+        target=target,
+        target_families=target_families,
+        base_dir=base_dir,
+        warm_dir=ckpts[-1],
+        checkpoints=ckpts,
+        base_success=base_success,
+        pool_summary=summarize_pool(pool),
+    )
+
+
+def finetune(data: DemoData, chosen: Sequence[Trajectory], config, *, seed: int):
+    """The base agent fine-tuned on ``chosen``.
+
+    Every method gets about the same number of optimizer steps (``config.finetune_steps``), so a
+    small selection is seen for more epochs and the full pool for fewer: the compute budget is
+    equal, the data differs.
+    """
+    model, tokenizer = load_model(data.base_dir)
+    epochs = max(1, math.ceil(config.finetune_steps * DEMO_TRAIN.batch_size / max(1, len(chosen))))
+    train_sft(model, tokenizer, list(chosen), replace(DEMO_TRAIN, epochs=epochs, seed=seed))
+    return model, tokenizer
+
+
+def evaluate_model(env, model, tokenizer, families: Sequence[str], config) -> dict:
+    """Greedy rank-mode success on the fixed held-out test tasks of ``families``."""
+    policy = ModelPolicy(model, tokenizer, mode="rank", temperature=0.0)
+    tasks = dict(split="test", n_tasks=config.n_test_tasks, seed=config.seed, families=families)
+    out = evaluate_policy(env, policy, with_tools=config.with_tools, **tasks).to_dict()
+    out["step_agreement"] = expert_step_agreement(
+        env, policy, with_tools=config.with_tools, **tasks
+    )
+    return out
+
+
+def harmful_detection(pool: Sequence[Trajectory], scores) -> dict:
+    """How well scores and flags find the planted-harmful trajectories (labels from meta only)."""
+    by_id = scores.set_index("id")
+    labels = np.array([_is_planted(t) for t in pool])
+    out: dict = {"n_planted": int(labels.sum()), "n_pool": len(pool)}
+    if labels.sum() == 0 or labels.all():
+        return out
+    ids = [t.id for t in pool]
+    score = by_id.loc[ids, "score"].to_numpy(dtype=float)
+    out["auroc_low_score"] = auroc(-score, labels)
+    if "min_step_score" in by_id:
+        out["auroc_min_step"] = auroc(-by_id.loc[ids, "min_step_score"].to_numpy(float), labels)
+    if "harmful" in by_id:
+        flag = by_id.loc[ids, "harmful"].fillna(False).to_numpy(bool)
+        out["flagged"] = int(flag.sum())
+        out["flag_recall"] = float((flag & labels).sum() / labels.sum())
+        out["flag_precision"] = float((flag & labels).sum() / max(1, flag.sum()))
+    return out
+
+
+def paired_tests(per_method: dict[str, list[float]], *, against: Sequence[str]) -> dict:
+    """Paired t-tests of each method's per-seed success against the ``against`` baselines."""
+    from scipy import stats
+
+    out: dict = {}
+    for base in against:
+        if base not in per_method:
+            continue
+        for m, v in per_method.items():
+            if m == base or len(v) < 2:
+                continue
+            a, b = np.asarray(v), np.asarray(per_method[base])
+            diff = a - b
+            if np.allclose(diff, diff[0]):
+                p = None  # no spread across seeds: a t-test is undefined, not significant
+            else:
+                p = float(stats.ttest_rel(a, b).pvalue)
+            out[f"{m} vs {base}"] = {"mean_diff": float(diff.mean()), "p_value": p, "n": len(v)}
+    return out

@@ -1,0 +1,143 @@
+"""A scored pool to a selection file: read the score tables, pre-filter, select, write the pool
+back in its input format with per-step weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from trajinf.data.trajectories import load_pool
+from trajinf.data.write import write_pool
+from trajinf.errors import TrajinfError
+from trajinf.selection.select import Selection, select
+
+
+def read_scores(scores_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
+    """(trajectory scores, step scores, baseline statistics or None) of a score directory."""
+    d = Path(scores_dir)
+    if not (d / "scores.parquet").exists():
+        raise TrajinfError(f"{d}: no scores.parquet here; run `trajinf score --out {d}` first")
+    stats = d / "statistics.parquet"
+    return (
+        pd.read_parquet(d / "scores.parquet"),
+        pd.read_parquet(d / "step_scores.parquet"),
+        pd.read_parquet(stats) if stats.exists() else None,
+    )
+
+
+def select_to_file(
+    scores_dir: str | Path,
+    pool: str | Path,
+    out: str | Path,
+    *,
+    method: str = "influence",
+    fraction: float = 0.05,
+    drop_harmful: bool = False,
+    step_weights: bool = False,
+    seed: int = 0,
+    drop_zero_variance: bool = False,
+    dedup: float | None = None,
+    prior: str | None = None,
+    combine: str | None = None,
+    env: str | None = None,
+    weight_mode: str = "binary",
+) -> Selection:
+    """Select from a scored pool and write the selection (with step weights) as JSONL.
+
+    ``drop_zero_variance`` first removes rollout groups (same task_id) whose outcomes are all
+    equal; ``dedup`` (a cosine threshold) then keeps one trajectory per near-duplicate cluster
+    of stored features (the highest-scored). Both filters run before the budget is applied;
+    ``sel.info["filters"]`` says how much each removed.
+    ``prior`` (a name in ``trajinf.selection.priors.PRIORS``) computes per-step prior values on the pool
+    (``env``: an env name, for priors that replay trajectories); ``combine`` ("product" or
+    "rank") combines them with the influence step scores of ``scores_dir``. The resulting
+    values drive ``step_weights`` (``weight_mode`` binary or soft) and the "prior" method.
+    """
+    if not 0 < fraction <= 1:
+        raise TrajinfError(f"--fraction must be in (0, 1], got {fraction}")
+    trajs = load_pool(pool)
+    scores, steps, stats = read_scores(scores_dir)
+    missing = set(scores["id"]) ^ {t.id for t in trajs}
+    if missing:
+        raise TrajinfError(
+            f"{pool}: pool does not match {scores_dir}/scores.parquet "
+            f"({len(missing)} ids differ, e.g. '{sorted(map(str, missing))[0]}')"
+        )
+    kept, filters = _prefilter(trajs, scores, Path(scores_dir), drop_zero_variance, dedup)
+    values = None
+    if prior is not None:
+        values = prior_step_values(prior, trajs, env=env, combine=combine, step_scores=steps)
+    elif combine is not None:
+        raise TrajinfError("--combine needs --prior NAME (the prior to combine influence with)")
+    elif method == "prior":
+        raise TrajinfError("--method prior needs --prior NAME")
+    sel = select(
+        method,
+        kept,
+        fraction=fraction,
+        scores=scores,
+        step_scores=steps,
+        statistics=stats,
+        drop_harmful=drop_harmful,
+        step_weights=step_weights,
+        seed=seed,
+        step_values=values,
+        weight_mode=weight_mode,
+    )
+    sel.info["filters"] = filters
+    if prior is not None:
+        sel.info["prior"] = {"name": prior, "combine": combine, "env": env}
+    by_id = {t.id: t for t in trajs}
+    write_pool([by_id[i] for i in sel.ids], out, step_weights=sel.step_weights)
+    return sel
+
+
+def prior_step_values(
+    prior: str,
+    trajs: list,
+    *,
+    env: str | None = None,
+    combine: str | None = None,
+    step_scores: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """Per-step values (id, step, value) of ``prior`` on ``trajs``, optionally combined
+    ("product" or "rank") with influence ``step_scores`` (id, step, score)."""
+    from trajinf.envs import make_env
+    from trajinf.selection.priors import combine_steps, step_prior
+
+    if combine is not None and combine not in ("product", "rank"):
+        raise TrajinfError(f"--combine must be product or rank, got '{combine}'")
+    if combine is not None and step_scores is None:
+        raise TrajinfError("--combine needs influence step scores (step_scores.parquet)")
+    env_obj = make_env(env) if env else None
+    try:
+        values = step_prior(prior, trajs, env=env_obj)
+    finally:
+        close = getattr(env_obj, "close", None)
+        if callable(close):
+            close()
+    return values if combine is None else combine_steps(step_scores, values, how=combine)
+
+
+def _prefilter(trajs, scores: pd.DataFrame, scores_dir: Path, zero_variance: bool, dedup):
+    """Trajectories left after the optional zero-variance and near-duplicate filters."""
+    from trajinf.selection.select import near_duplicate_filter, zero_variance_filter
+    from trajinf.store.feature_store import FeatureStore
+
+    filters: dict = {}
+    keep = {t.id for t in trajs}
+    if zero_variance:
+        frame, filters["zero_variance"] = zero_variance_filter(trajs)
+        keep &= set(frame["id"])
+    if dedup is not None:
+        store = FeatureStore.open(scores_dir / "store" / "pool")
+        rows = store.items[(store.items["step"] == -1) & store.items["id"].isin(keep)]
+        rows = rows.sort_values("item")
+        feats = store.features(store.n_checkpoints - 1, rows=rows["row"].to_numpy())
+        score = scores.set_index("id").loc[rows["id"], "score"].to_numpy(float)
+        kept_idx = near_duplicate_filter(feats, dedup, scores=np.nan_to_num(score, nan=-np.inf))
+        filters["near_duplicates"] = {"threshold": dedup, "removed": len(rows) - len(kept_idx)}
+        keep &= set(rows["id"].to_numpy()[kept_idx])
+    return [t for t in trajs if t.id in keep], filters

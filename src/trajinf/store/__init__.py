@@ -1,0 +1,1 @@
+"""trajinf.store.feature_store."""
