@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from trajinf.bench.metrics import lds_per_query
+
 # Token layout of the synthetic vocabulary.
 PAD, BOS, EOS, ACT = 0, 1, 2, 3
 SKILL_BASE = 8  # skill tokens: SKILL_BASE + s
@@ -287,43 +289,20 @@ def train_subsets(
     return out
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman correlation; 0.0 when either side is constant (no ranking information)."""
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return 0.0
-    return float(spearmanr(a, b).statistic)
-
-
-def lds_per_query(
-    pred_scores: np.ndarray, subsets: np.ndarray, actual_losses: np.ndarray
-) -> np.ndarray:
-    """LDS of each query. ``pred_scores`` [n_train, n_query] (positive = helps, i.e. lowers the
-    query loss), ``subsets`` bool [M, n_train], ``actual_losses`` [M, n_query] -> [n_query]:
-    Spearman over the M subsets of (sum of the members' scores) vs (-actual loss)."""
-    pred_scores = np.asarray(pred_scores, dtype=np.float64)
-    if pred_scores.shape != (subsets.shape[1], actual_losses.shape[1]):
-        raise ValueError(
-            f"pred_scores shape {pred_scores.shape} != (n_train, n_query) "
-            f"{(subsets.shape[1], actual_losses.shape[1])}"
-        )
-    predicted = subsets.astype(np.float64) @ pred_scores  # [M, n_query]
-    return np.array(
-        [_spearman(predicted[:, q], -actual_losses[:, q]) for q in range(predicted.shape[1])]
-    )
-
-
-def lds(pred_scores: np.ndarray, subsets: np.ndarray, actual_losses: np.ndarray) -> float:
-    """Mean over queries of :func:`lds_per_query` (shapes as there). Near 0 for random scores."""
-    return float(lds_per_query(pred_scores, subsets, actual_losses).mean())
-
-
 def rank_agreement(scores: np.ndarray, reference: np.ndarray) -> float:
     """Mean over queries of the Spearman correlation between ``scores[:, q]`` and
     ``reference[:, q]`` (both [n_train, n_query]): how well a method orders the train pool
     the way the reference does."""
     scores, reference = np.asarray(scores), np.asarray(reference)
     return float(
-        np.mean([_spearman(scores[:, q], reference[:, q]) for q in range(scores.shape[1])])
+        np.mean(
+            [
+                0.0
+                if np.ptp(scores[:, q]) == 0 or np.ptp(reference[:, q]) == 0
+                else spearmanr(scores[:, q], reference[:, q]).statistic
+                for q in range(scores.shape[1])
+            ]
+        )
     )
 
 
@@ -484,7 +463,7 @@ def ground_truth_report(out: Path) -> dict:
     oracle = same_skill - 2.0 * (train.noisy[:, None] & (same_skill > 0))
 
     def with_se(scores: np.ndarray) -> dict:
-        pq = lds_per_query(scores, gt.subsets, gt.losses)
+        pq = lds_per_query(gt.subsets, gt.losses, scores)
         return {"lds": float(pq.mean()), "se": float(pq.std(ddof=1) / np.sqrt(len(pq)))}
 
     return {

@@ -34,6 +34,8 @@ import peer_trak
 import torch
 from peer_common import MethodResult, PeerSetup, lds
 
+from trajinf.bench.metrics import lds_per_query
+
 Runner = Callable[[PeerSetup, Path], list[tuple[str, MethodResult]]]
 
 
@@ -105,7 +107,7 @@ def evaluate(
     """Row of the table for one method result."""
     finite = bool(np.isfinite(res.scores).all())
     scores = np.nan_to_num(res.scores)
-    per_query = lds.lds_per_query(scores, gt.subsets, gt.losses)
+    per_query = lds_per_query(gt.subsets, gt.losses, scores)
     return {
         "method": name,
         "fit_seconds": res.fit_seconds,

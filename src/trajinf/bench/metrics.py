@@ -73,33 +73,48 @@ def target_losses(model, tokenizer, target: Sequence[Trajectory], field: str = "
     return {k: float(np.mean(v)) for k, v in per.items()}
 
 
-def lds(
-    subsets: np.ndarray, losses: np.ndarray, values: np.ndarray
-) -> tuple[float, float, list[float]]:
-    """Linear datamodeling score.
+def lds_per_query(subsets: np.ndarray, losses: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Linear datamodeling score of each query.
 
     subsets: bool [M, N] (model m trained on pool items where True); losses: float [M, Q]
     (model m's target loss on query q); values: float [N, Q] or [N] (a method's per-item
     influence on each query; higher = more helpful, so it should predict LOWER loss). Returns
-    (mean over queries of Spearman(sum of values over the subset, -loss), its standard error,
-    per-query correlations).
+    float [Q]: Spearman over the M models of (sum of values over the subset) vs (-loss); 0.0
+    where the method's predictions are constant (no ranking information), NaN where the
+    losses are (the query cannot rank anything).
     """
     from scipy.stats import spearmanr
 
+    values = np.asarray(values, dtype=np.float64)
     v = values if values.ndim == 2 else np.repeat(values[:, None], losses.shape[1], axis=1)
-    v = np.nan_to_num(v, nan=0.0)
-    pred = subsets.astype(float) @ v  # [M, Q]
-    rs = []
+    if v.shape != (subsets.shape[1], losses.shape[1]):
+        raise ValueError(
+            f"values shape {values.shape} != (n_train, n_query) "
+            f"{(subsets.shape[1], losses.shape[1])}"
+        )
+    pred = subsets.astype(np.float64) @ np.nan_to_num(v, nan=0.0)  # [M, Q]
+    out = np.empty(losses.shape[1])
     for q in range(losses.shape[1]):
-        if np.ptp(pred[:, q]) == 0 or np.ptp(losses[:, q]) == 0:
-            rs.append(float("nan"))
-            continue
-        rs.append(float(spearmanr(pred[:, q], -losses[:, q]).statistic))
-    arr = np.array([r for r in rs if np.isfinite(r)])
+        if np.ptp(losses[:, q]) == 0:
+            out[q] = np.nan
+        elif np.ptp(pred[:, q]) == 0:
+            out[q] = 0.0
+        else:
+            out[q] = float(spearmanr(pred[:, q], -losses[:, q]).statistic)
+    return out
+
+
+def lds(
+    subsets: np.ndarray, losses: np.ndarray, values: np.ndarray
+) -> tuple[float, float, list[float]]:
+    """(mean over queries of :func:`lds_per_query`, its standard error over queries, the
+    per-query values); queries whose losses are constant are left out of the mean."""
+    rs = lds_per_query(subsets, losses, values)
+    arr = rs[np.isfinite(rs)]
     if len(arr) == 0:
-        return float("nan"), float("nan"), rs
+        return float("nan"), float("nan"), rs.tolist()
     se = float(arr.std(ddof=1) / np.sqrt(len(arr))) if len(arr) > 1 else float("nan")
-    return float(arr.mean()), se, rs
+    return float(arr.mean()), se, rs.tolist()
 
 
 def summarize_cells(cells: Sequence[dict]) -> dict:
