@@ -227,9 +227,9 @@ def test_nonfinite_items_and_bad_targets():
                                   finite=np.array([True] * 6 + [False]))  # fmt: skip
     cfg = ScoreConfig()
     dirs = target_directions(s["target"], cfg, subtasks=s["subtasks"])
-    from trajinf.scoring.scores import score_pool
+    from trajinf.scoring.scores import score_tables
 
-    res = score_pool(pool, dirs, cfg)
+    res = score_tables(pool, dirs, cfg)
     assert (
         np.isnan(res.trajectories["score"].iloc[-1])
         and res.trajectories["score"].iloc[:-1].notna().all()

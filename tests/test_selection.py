@@ -12,7 +12,7 @@ from trajinf.data.schema import Trajectory
 from trajinf.errors import TrajinfError
 from trajinf.scoring.directions import prepare_directions, target_directions
 from trajinf.scoring.harm import harmful_flags, null_scores
-from trajinf.scoring.scores import ScoreResult, score_pool, score_stores
+from trajinf.scoring.scores import ScoreResult, score_stores, score_tables
 from trajinf.scoring.source import PoolSource, ScoreConfig
 from trajinf.selection.select import near_duplicate_filter, select, zero_variance_filter
 from trajinf.store.feature_store import FeatureStore
@@ -33,7 +33,9 @@ def scored(steps, owner, target, cfg=None, n_null=32, seed=0):
     np.add.at(traj, owner, steps)
     pool = PoolSource.from_arrays(traj, steps=steps, step_owner=owner)
     dirs = prepare_directions(pool, target_directions(target, cfg), cfg)
-    return score_pool(pool, dirs, cfg), null_scores(pool, dirs, cfg, n_directions=n_null, seed=seed)
+    return score_tables(pool, dirs, cfg), null_scores(
+        pool, dirs, cfg, n_directions=n_null, seed=seed
+    )
 
 
 def test_planted_bad_step_is_flagged():

@@ -31,7 +31,7 @@ from trajinf.job.shards import (
     storable,
 )
 from trajinf.scoring.directions import directions_from_stores
-from trajinf.scoring.scores import score_pool as score_directions_pool
+from trajinf.scoring.scores import score_tables
 from trajinf.scoring.source import PoolSource, nonfinite_ids
 from trajinf.selection.baselines import baseline_statistics
 from trajinf.store.atomic import write_json, write_parquet
@@ -129,7 +129,7 @@ def score_appended(
         store.view(~fresh.to_numpy()), target_store, config.scoring, kfac=kfac
     )
     new_view = store.view(fresh.to_numpy())
-    result = score_directions_pool(PoolSource.from_store(new_view), dirs, config.scoring)
+    result = score_tables(PoolSource.from_store(new_view), dirs, config.scoring)
     h = job["harmful"]
     s = result.trajectories["score"].to_numpy(float)
     m = result.trajectories["min_step_score"].to_numpy(float)

@@ -28,10 +28,7 @@ from trajinf.job.ranks import RankContext
 from trajinf.job.shards import pool_digest, resolve_device
 from trajinf.scoring.directions import KfacFactors, directions_from_stores
 from trajinf.scoring.harm import harmful_flags, kfac_null_scores, null_scores
-from trajinf.scoring.scores import ScoreResult, score_stores, top_k
-from trajinf.scoring.scores import (
-    score_pool as score_directions_pool,
-)
+from trajinf.scoring.scores import ScoreResult, score_stores, score_tables, top_k
 from trajinf.scoring.source import PoolSource, ScoreConfig, nonfinite_ids
 from trajinf.selection.baselines import baseline_statistics
 from trajinf.store.atomic import write_json, write_parquet
@@ -226,7 +223,7 @@ def score_pool(
     else:  # the null's random targets are preconditioned too (kfac_null_scores)
         dirs = directions_from_stores(pool_store, target_store, config.scoring, kfac=factors)
         src = PoolSource.from_store(pool_store)
-        result = score_directions_pool(src, dirs, config.scoring)
+        result = score_tables(src, dirs, config.scoring)
         null = kfac_null_scores(
             src,
             dirs,

@@ -183,8 +183,9 @@ def score_directions(
     }
 
 
-def score_pool(pool: PoolSource, directions: Directions, config: ScoreConfig) -> ScoreResult:
-    """Score a pool against prepared ``directions`` (see :func:`prepare_directions`)."""
+def score_tables(pool: PoolSource, directions: Directions, config: ScoreConfig) -> ScoreResult:
+    """The trajectory and step score tables of a pool against prepared ``directions`` (see
+    :func:`prepare_directions`); the scoring job is :func:`trajinf.job.run.score_pool`."""
     out = score_directions(pool, directions, config)
     n = len(pool.traj_rows)
     min_step = np.full(n, np.nan, np.float32)
@@ -220,7 +221,7 @@ def score_stores(
     for ``preconditioner="kfac"`` (:func:`trajinf.gradients.kfac.kfac_factors`).
     """
     dirs = directions_from_stores(pool, target, config, target_subtasks=target_subtasks, kfac=kfac)
-    return score_pool(PoolSource.from_store(pool), dirs, config)
+    return score_tables(PoolSource.from_store(pool), dirs, config)
 
 
 def score_features(
@@ -250,7 +251,7 @@ def score_features(
         target, config, subtasks=subtasks, success=success, reward=reward, groups=groups,
         lr=pool.lr, kfac=kfac,
     )  # fmt: skip
-    return score_pool(pool, prepare_directions(pool, raw, config), config)
+    return score_tables(pool, prepare_directions(pool, raw, config), config)
 
 
 def top_k(
