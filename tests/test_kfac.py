@@ -19,7 +19,7 @@ from trajinf.errors import TrajinfError
 from trajinf.gradients import ExtractionConfig, extract_features, tracked_modules
 from trajinf.gradients.kfac import kfac_factors
 from trajinf.gradients.projection import factorized_k, factorized_pair
-from trajinf.scoring.directions import kfac_precondition
+from trajinf.scoring.preconditioners import kfac_precondition
 from trajinf.scoring.scores import score_features
 from trajinf.scoring.source import ScoreConfig
 

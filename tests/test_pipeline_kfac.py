@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from trajinf.cli.app import app
+from trajinf.cli.main import app
 from trajinf.data.trajectories import load_pool
 from trajinf.data.write import write_pool
 from trajinf.errors import TrajinfError
@@ -23,12 +23,15 @@ from trajinf.store.feature_store import FeatureStore
 
 
 def config(**kw):
-    cfg = build_job_config(proj_dim=64, scoring_preconditioner="kfac", **kw)
-    cfg.shard_items = 8
-    cfg.device = "cpu"
-    cfg.null_directions = 4
-    cfg.baselines = False
-    return cfg
+    return build_job_config(
+        proj_dim=64,
+        scoring_preconditioner="kfac",
+        shard_items=8,
+        device="cpu",
+        null_directions=4,
+        baselines=False,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -144,12 +147,13 @@ def test_cli_scoring_preconditioner_kfac(job, tmp_path):
 
 
 def test_null_with_identity_factors_is_the_plain_null(job):
-    """kfac_null_scores draws like selection.null_scores; identity factors (damping 0) leave
-    the draws unchanged, so the two nulls agree exactly."""
+    """The K-FAC null draws like the plain null and passes the draws through the same
+    preconditioner as the targets; identity factors (damping 0) leave the draws unchanged, so
+    the two nulls agree exactly."""
     from dataclasses import replace as dc_replace
 
     from trajinf.scoring.directions import directions_from_stores
-    from trajinf.scoring.harm import kfac_null_scores, null_scores
+    from trajinf.scoring.harm import null_scores
 
     _d, out, _res = job
     pool = FeatureStore.open(out / "store" / "pool")
@@ -158,11 +162,16 @@ def test_null_with_identity_factors_is_the_plain_null(job):
     eye = {n: (np.eye(len(a)), np.eye(len(g))) for n, (a, g) in factors.items()}
     sc = dc_replace(config().scoring, kfac_damping=0.0)
     dirs = directions_from_stores(pool, target, sc, kfac=eye)
-    got = kfac_null_scores(pool, dirs, [eye], sc, n_directions=3, seed=5).trajectories
-    ref = null_scores(pool, dirs, sc, n_directions=3, seed=5).trajectories
-    pd.testing.assert_frame_equal(got, ref, rtol=1e-6)
-    real = kfac_null_scores(pool, dirs, [factors], sc, n_directions=3, seed=5).trajectories
+    got = null_scores(pool, dirs, sc, n_directions=3, seed=5, kfac=[eye])
+    assert got.info["preconditioned"] == "kfac"
+    plain = dc_replace(sc, preconditioner="none")
+    ref = null_scores(pool, dirs, plain, n_directions=3, seed=5).trajectories
+    pd.testing.assert_frame_equal(got.trajectories, ref, rtol=1e-6)
+    real = null_scores(pool, dirs, sc, n_directions=3, seed=5, kfac=[factors]).trajectories
     assert not np.allclose(real["score"], ref["score"])
+    # from the target store, the null builds the same K-FAC directions itself
+    again = null_scores(pool, target, sc, n_directions=3, seed=5, kfac=[eye]).trajectories
+    pd.testing.assert_frame_equal(again, got.trajectories)
 
 
 def test_top_k_with_kfac(job, tmp_path):

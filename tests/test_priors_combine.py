@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from trajinf.cli.app import app
+from trajinf.cli.main import app
 from trajinf.data.write import write_pool
 from trajinf.envs import make_env
 from trajinf.envs.policies import ExpertPolicy, NoisyExpertPolicy

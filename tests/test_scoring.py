@@ -91,7 +91,7 @@ def naive(s: dict, cfg: ScoreConfig) -> tuple[np.ndarray, list[float]]:
         if cfg.preconditioner == "gram":
             xc = x - mu
             f = xc.T @ xc / n
-            f += cfg.damping * np.trace(f) / d * np.eye(d)
+            f += cfg.gram_damping * np.trace(f) / d * np.eye(d)
             t = np.linalg.solve(f, t.T).T
         for i, (si, a) in itertools.product(range(n), enumerate(names)):
             p = x[i] - mu
@@ -321,7 +321,7 @@ def test_workers_give_identical_scores_and_top_k(tmp_path, metric, remove_mean, 
 def test_cli_score_has_workers_option():
     from typer.testing import CliRunner
 
-    from trajinf.cli.app import app
+    from trajinf.cli.main import app
 
     out = CliRunner().invoke(app, ["score", "--help"], env={"COLUMNS": "200"})
     assert out.exit_code == 0 and "--workers" in out.output

@@ -2,45 +2,91 @@
 
 from __future__ import annotations
 
+import inspect
+import types
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
-from enum import StrEnum
+from typing import Any, Literal, Union, get_args, get_origin
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from trajinf.errors import literal_choices
+from trajinf.job.config import JobOption, ScoreJobConfig, build_job_config, job_options
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Influence of agent trajectories and their steps on a target skill.",
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's help: readable in an 80-column terminal
 )
 console = Console(stderr=True)
 STATE = {"debug": False}
 
 
-class Mode(StrEnum):
-    factorized = "factorized"
-    less = "less"
+def _cli_type(opt: JobOption) -> Any:
+    """The typer annotation of a job option: Literal choices (plus a resolved default such as
+    "auto"), a repeatable option for tuples, the plain type otherwise."""
+    choices = literal_choices(opt.type)
+    if choices is not None:
+        values = tuple(c for c in choices if c is not None)
+        if opt.default is not None and opt.default not in values:
+            values = (*values, opt.default)
+        return Literal[values]  # type: ignore[valid-type]
+    args = [a for a in get_args(opt.type) if a is not type(None)]
+    if get_origin(opt.type) in (Union, types.UnionType) and len(args) == 1:
+        inner = args[0]
+        if get_origin(inner) is tuple:
+            return list[get_args(inner)[0]]
+        return inner | None
+    return opt.type
 
 
-class Method(StrEnum):
-    influence = "influence"
-    random = "random"
-    full = "full"
-    success = "success"
-    rds = "rds"
-    loss = "loss"
-    gradnorm = "gradnorm"
-    length = "length"
-    prior = "prior"
+def _typer_option(opt: JobOption) -> Any:
+    default = [] if get_origin(_cli_type(opt)) is list else opt.default
+    decl = opt.flag
+    if isinstance(opt.default, bool):
+        decl = f"{opt.flag}/--no-{opt.flag[2:]}"
+    return typer.Option(default, decl, help=opt.help, show_default=default not in (None, []))
 
 
-STEP_SPLIT_HELP = (
-    "Per-step features (factorized mode): position (gradient through the step's positions; one "
-    "backward) or loss (each step's own loss: what a step weight acts on; one backward per "
-    "step, ~4x)."
-)
+def with_job_options(*, exclude: Iterable[str] = ()) -> Callable:
+    """Give a verb every scoring-job option (:func:`trajinf.job.config.job_options`, from the
+    config dataclasses' fields) except ``exclude``, as typer options after its own
+    parameters; the verb takes them as ``**options`` and builds its config with
+    :func:`job_config`."""
+    skip = set(exclude)
+
+    def decorate(fn: Callable) -> Callable:
+        sig = inspect.signature(fn, eval_str=True)
+        params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        for opt in job_options().values():
+            if opt.name not in skip:
+                params.append(
+                    inspect.Parameter(
+                        opt.name,
+                        inspect.Parameter.KEYWORD_ONLY,
+                        default=_typer_option(opt),
+                        annotation=_cli_type(opt),
+                    )
+                )
+        fn.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        return fn
+
+    return decorate
+
+
+def job_config(options: dict[str, Any], *, has_checkpoints: bool) -> ScoreJobConfig:
+    """The scoring job config of a verb's job options (a repeated option becomes a tuple, an
+    empty one None); a bad value raises a one-line error naming its option."""
+    values = {}
+    for name, value in options.items():
+        if isinstance(value, list):
+            value = tuple(str(v) for v in value) or None
+        values[name] = value
+    return build_job_config(has_checkpoints=has_checkpoints, **values)
 
 
 @app.callback()

@@ -2,77 +2,102 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import numpy as np
 
-from trajinf.errors import TrajinfError
+from trajinf.errors import ConfigError, check_fields
 
-MODES = ("factorized", "less")
-PRECONDITIONERS = {"factorized": ("none", "factored_adam"), "less": ("none", "adam")}
-NORMALIZATIONS = ("mean", "sum")
-STEP_SPLITS = ("position", "loss")
+# Extraction-time preconditioners and the modes that compute them. These names are also the
+# extraction stage of the preconditioner registry (trajinf.scoring.preconditioners).
+EXTRACTION_PRECONDITIONERS: dict[str, tuple[str, ...]] = {
+    "none": ("factorized", "less"),
+    "adam": ("less",),  # LESS: m' / (sqrt(v') + eps) on per-example gradients
+    "factored_adam": ("factorized",),  # rank-one Adam second moment folded into projections
+}
+ExtractionPreconditioner = Literal[tuple(EXTRACTION_PRECONDITIONERS)]  # type: ignore[valid-type]
 
 
 @dataclass
 class ExtractionConfig:
-    """How gradient features are extracted.
+    """How gradient features are extracted (every field's help is in its metadata; the CLI
+    options of ``trajinf score`` / ``extract`` are built from it).
 
-    mode: "factorized" (per-token rank-one projection, one backward per batch) or "less"
-        (per-example flattened gradients, Adam preconditioning, dense projection).
-    proj_dim: total feature dim D. Factorized: per-module k_in = k_out = k with
-        k = max(2, floor(sqrt(proj_dim / n_modules))), so D = n_modules * k * k.
-    seed: projection seed; projections depend only on (seed, module/parameter name).
-    modules: fnmatch patterns over module names; None = every Linear/Conv1D inside the
-        blocks (not lm_head / embeddings), or only the LoRA lora_A / lora_B linears with peft.
-    preconditioner: "none" | "adam" (less) | "factored_adam" (factorized).
-    loss_normalization: "mean" weights each action token by 1/n_action_tokens(item); "sum" by 1.
-    batch_tokens: padded-token budget per batch (items are length-bucketed).
-    update_mask_threshold: threshold the caller used for `sparse_update_mask` (recorded only).
-    step_split: what a step's feature is (factorized mode). "position": the gradient of the
-        whole item's loss flowing through the step's token positions (one backward per batch).
-        "loss": the gradient of the step's own loss (its action tokens, with the item's
-        normalization) through all positions - what a per-step loss weight acts on (one
-        backward per step slot). Both sum to the same trajectory feature. LESS mode always
-        computes "loss"; `to_dict` records the split actually computed.
+    Factorized mode: per-module k_in = k_out = k with k = max(2, floor(sqrt(proj_dim /
+    n_modules))), so D = n_modules * k * k. Projections depend only on (seed, module name).
+    ``step_split``: LESS mode always computes "loss"; ``to_dict`` records the split actually
+    computed. Invalid values raise :class:`~trajinf.errors.ConfigError` on construction.
     """
 
-    mode: str = "factorized"
-    proj_dim: int = 8192
-    seed: int = 0
-    modules: list[str] | None = None
-    preconditioner: str = "none"
-    loss_normalization: str = "mean"
-    batch_tokens: int = 8192
-    update_mask_threshold: float | None = None
-    step_split: str = "position"
+    mode: Literal["factorized", "less"] = field(
+        default="factorized",
+        metadata={
+            "help": "factorized (fast: per-token rank-one projection, one backward per batch) "
+            "or less (reference: per-example gradients, dense projection)."
+        },
+    )
+    proj_dim: int = field(
+        default=8192, metadata={"help": "Total projected feature dimension D.", "min": 1}
+    )
+    seed: int = field(default=0, metadata={"help": "Projection seed.", "cli": False})
+    modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "fnmatch patterns of tracked module names; default: every Linear/Conv1D "
+            "inside the blocks (only the LoRA A/B linears with peft).",
+            "cli": False,
+        },
+    )
+    preconditioner: ExtractionPreconditioner = field(
+        default="none",
+        metadata={
+            "help": "Optimizer preconditioner of pool gradients: none, adam (less mode) or "
+            "factored_adam (factorized mode); auto: adam / factored_adam when checkpoints "
+            "carry optimizer state, else none.",
+            "cli_default": "auto",
+        },
+    )
+    loss_normalization: Literal["mean", "sum"] = field(
+        default="mean",
+        metadata={
+            "help": "Item loss over action tokens: mean (LESS) or sum (no length normalization)."
+        },
+    )
+    batch_tokens: int = field(
+        default=8192,
+        metadata={"help": "Padded-token budget per batch (memory knob).", "min": 1},
+    )
+    update_mask_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "Sparse update mask threshold (with --update-mask-from; default 1e-5).",
+            "min": 0,
+        },
+    )
+    step_split: Literal["position", "loss"] = field(
+        default="position",
+        metadata={
+            "help": "Per-step features (factorized mode): position (gradient through the step's "
+            "positions; one backward) or loss (each step's own loss: what a step weight acts "
+            "on; one backward per step, ~4x)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
-        """Raise TrajinfError naming the offending field."""
-        if self.mode not in MODES:
-            raise TrajinfError(f"ExtractionConfig field 'mode': {self.mode!r} not in {MODES}")
-        allowed = PRECONDITIONERS[self.mode]
-        if self.preconditioner not in allowed:
-            raise TrajinfError(
-                f"ExtractionConfig field 'preconditioner': {self.preconditioner!r} is not "
-                f"available in mode {self.mode!r} (choose from {allowed})"
-            )
-        if self.loss_normalization not in NORMALIZATIONS:
-            raise TrajinfError(
-                f"ExtractionConfig field 'loss_normalization': {self.loss_normalization!r} "
-                f"not in {NORMALIZATIONS}"
-            )
-        if self.step_split not in STEP_SPLITS:
-            raise TrajinfError(
-                f"ExtractionConfig field 'step_split': {self.step_split!r} not in {STEP_SPLITS}"
-            )
-        if self.proj_dim < 1:
-            raise TrajinfError(
-                f"ExtractionConfig field 'proj_dim': must be >= 1, got {self.proj_dim}"
-            )
-        if self.batch_tokens < 1:
-            raise TrajinfError(
-                f"ExtractionConfig field 'batch_tokens': must be >= 1, got {self.batch_tokens}"
+        """Raise :class:`~trajinf.errors.ConfigError` naming the offending field."""
+        check_fields(self)
+        modes = EXTRACTION_PRECONDITIONERS[self.preconditioner]
+        if self.mode not in modes:
+            allowed = [p for p, m in EXTRACTION_PRECONDITIONERS.items() if self.mode in m]
+            raise ConfigError(
+                "ExtractionConfig",
+                "preconditioner",
+                f"{self.preconditioner!r} is not available in mode {self.mode!r} "
+                f"(choose from {allowed})",
             )
 
     def to_dict(self) -> dict:

@@ -2,111 +2,170 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any, get_type_hints
 
 import pandas as pd
 
-from trajinf.errors import TrajinfError
+from trajinf.errors import ConfigError, TrajinfError, check_fields
 from trajinf.gradients import ExtractionConfig
+from trajinf.scoring.preconditioners import PRECONDITIONERS
 from trajinf.scoring.source import ScoreConfig
 
 
 @dataclass
 class ScoreJobConfig:
-    """Everything the scoring job needs besides its inputs; saved into ``OUT/job.json``."""
+    """Everything the scoring job needs besides its inputs; saved into ``OUT/job.json``.
+
+    Each field's help is in its metadata; with the fields of :class:`ExtractionConfig` and
+    :class:`ScoreConfig` they are the job's flat options (:func:`job_options`): the keyword
+    arguments of :func:`build_job_config` and the CLI options of ``trajinf score`` /
+    ``extract``. Invalid values raise :class:`~trajinf.errors.ConfigError` on construction.
+    """
 
     extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
     scoring: ScoreConfig = field(default_factory=ScoreConfig)
-    max_length: int | None = 2048
-    subtask_field: str = "task_id"
-    lora: bool = False
-    harmful_alpha: float = 0.05
-    null_directions: int = 32
-    shard_items: int = 256
-    baselines: bool = True
-    seed: int = 0
-    device: str = "auto"  # "auto" (cuda if visible, else cpu) | "cpu" | "cuda" | "cuda:1" ...
-    trust_remote_code: bool = False  # only with an explicit --trust-remote-code
-    # Track only parameters that moved by more than extraction.update_mask_threshold between
-    # these two checkpoints (where RL / fine-tuning updates land); None tracks everything.
-    update_mask_from: tuple[str, str] | None = None
-    # scoring.preconditioner="kfac": pool items sampled (seeded by ``seed``) for the factors
-    kfac_max_items: int = 256
+    max_length: int | None = field(
+        default=2048,
+        metadata={"help": "Max tokens; longer trajectories lose early steps.", "min": 1},
+    )
+    subtask_field: str = field(
+        default="task_id",
+        metadata={"help": "Trajectory field naming its subtask (target subtasks group by it)."},
+    )
+    lora: bool = field(
+        default=False, metadata={"help": "Wrap a plain model in a fresh LoRA; track only it."}
+    )
+    harmful_alpha: float = field(
+        default=0.05, metadata={"help": "False-positive rate of the harmful flag on the null."}
+    )
+    null_directions: int = field(
+        default=32,
+        metadata={"help": "Random target directions of the harmful null.", "min": 1},
+    )
+    shard_items: int = field(
+        default=256,
+        metadata={"help": "Trajectories per store shard (the unit of resume).", "min": 1},
+    )
+    baselines: bool = field(
+        default=True,
+        metadata={"help": "Also compute baseline statistics (loss, grad norm, length, RDS+)."},
+    )
+    seed: int = field(default=0, metadata={"help": "Projection, K-FAC sample and null seed."})
+    device: str = field(
+        default="auto",
+        metadata={"help": "auto (cuda if visible, else cpu), cpu, cuda, cuda:1, ..."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow model code from the model directory (off: no code from data)."},
+    )
+    update_mask_from: tuple[str, str] | None = field(
+        default=None,
+        metadata={
+            "help": "Two checkpoint dirs (repeat the option): track only parameters that moved "
+            "between them by more than --update-mask-threshold (where RL updates land)."
+        },
+    )
+    kfac_max_items: int = field(
+        default=256,
+        metadata={"help": "Pool items sampled (seeded) for K-FAC factors.", "min": 1},
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.update_mask_from is not None and len(self.update_mask_from) != 2:
+            raise ConfigError(
+                "ScoreJobConfig", "update_mask_from", "needs exactly two checkpoint dirs"
+            )
+        modes = PRECONDITIONERS[self.scoring.preconditioner].modes
+        if self.extraction.mode not in modes:
+            raise ConfigError(
+                "ScoreConfig",
+                "preconditioner",
+                f"{self.scoring.preconditioner!r} needs mode {' or '.join(modes)}",
+            )
+        if not 0 < self.harmful_alpha < 1:
+            raise ConfigError(
+                "ScoreJobConfig", "harmful_alpha", f"must be in (0, 1), got {self.harmful_alpha}"
+            )
 
     def to_dict(self) -> dict:
         """A JSON-able dict of the whole config."""
         return asdict(self)
 
 
-def build_job_config(
-    *,
-    mode: str = "factorized",
-    proj_dim: int = 8192,
-    lora: bool = False,
-    preconditioner: str = "auto",
-    has_checkpoints: bool = False,
-    metric: str = "cosine",
-    aggregate: str = "max",
-    remove_mean: bool = False,
-    target_mode: str = "subtask",
-    subtask_field: str = "task_id",
-    max_length: int | None = 2048,
-    seed: int = 0,
-    scoring_preconditioner: str = "none",
-    kfac_damping: float = 0.1,
-    **extraction: object,
-) -> ScoreJobConfig:
-    """A scoring job config from flat options (what the CLI exposes).
+@dataclass(frozen=True)
+class JobOption:
+    """One flat option of the scoring job: field ``field`` of config class ``owner``."""
 
-    ``preconditioner="auto"`` picks Adam in LESS mode and the factored Adam in factorized mode
-    when warmup checkpoints (with optimizer moments) are given, and none otherwise.
-    ``scoring_preconditioner`` acts on the target directions at scoring time: none, gram
-    (damped inverse pool Gram) or kfac (per-layer K-FAC factors, factorized mode only,
-    damped by ``kfac_damping``; the job saves the factors under ``OUT/kfac/``).
+    name: str
+    owner: type
+    field: str
+    type: Any
+    default: Any
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def job_options() -> dict[str, JobOption]:
+    """The job's flat options, in order, from the fields of :class:`ExtractionConfig`,
+    :class:`ScoreConfig` and :class:`ScoreJobConfig` that have a help (``metadata["cli"]``
+    False hides one). A field's option name is the field's (``metadata["flag"]`` where two
+    configs share one) and its default the field's (``metadata["cli_default"]`` where the
+    option resolves a value, e.g. ``preconditioner="auto"``)."""
+    out: dict[str, JobOption] = {}
+    for owner in (ExtractionConfig, ScoreConfig, ScoreJobConfig):
+        hints = get_type_hints(owner)
+        for f in fields(owner):
+            if "help" not in f.metadata or f.metadata.get("cli") is False:
+                continue
+            name = f.metadata.get("flag", f.name)
+            if name in out:
+                raise TypeError(f"job option '{name}' defined twice")  # a bug, not user input
+            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            default = f.metadata.get("cli_default", default)
+            out[name] = JobOption(name, owner, f.name, hints[f.name], default, f.metadata["help"])
+    return out
+
+
+def build_job_config(*, has_checkpoints: bool = False, **options: Any) -> ScoreJobConfig:
+    """A scoring job config from flat options (:func:`job_options`: what the CLI exposes);
+    options not given keep their defaults.
+
+    ``preconditioner="auto"`` (the default) picks Adam in LESS mode and the factored Adam in
+    factorized mode when warmup checkpoints (with optimizer moments) are given
+    (``has_checkpoints``), and none otherwise. ``seed`` seeds the projections too. A bad value
+    raises :class:`TrajinfError` naming its option (``--workers: must be >= 1, got 0``).
     """
-    if preconditioner == "auto":
-        if not has_checkpoints:
-            preconditioner = "none"
-        else:
-            preconditioner = "adam" if mode == "less" else "factored_adam"
-    valid = {"factorized": {"none", "factored_adam"}, "less": {"none", "adam"}}
-    if mode not in valid:
-        raise TrajinfError(f"--mode must be factorized or less, got '{mode}'")
-    if preconditioner not in valid[mode]:
-        raise TrajinfError(
-            f"--preconditioner '{preconditioner}' does not apply to --mode {mode} "
-            f"(choose from {sorted(valid[mode])})"
+    table = job_options()
+    unknown = sorted(set(options) - set(table))
+    if unknown:
+        raise TrajinfError(f"unknown job option(s) {unknown}; known: {sorted(table)}")
+    values = {name: opt.default for name, opt in table.items()} | options
+    if values["preconditioner"] == "auto":
+        auto = "adam" if values["mode"] == "less" else "factored_adam"
+        values["preconditioner"] = auto if has_checkpoints else "none"
+    kwargs: dict[type, dict[str, Any]] = {o: {} for o in (ExtractionConfig, ScoreConfig)}
+    kwargs[ScoreJobConfig] = {}
+    for name, value in values.items():
+        kwargs[table[name].owner][table[name].field] = value
+    try:
+        return ScoreJobConfig(
+            extraction=ExtractionConfig(**kwargs[ExtractionConfig], seed=values["seed"]),
+            scoring=ScoreConfig(**kwargs[ScoreConfig]),
+            **kwargs[ScoreJobConfig],
         )
-    for name, value, choices in (
-        ("--metric", metric, ("cosine", "inner")),
-        ("--aggregate", aggregate, ("max", "mean")),
-        ("--target-mode", target_mode, ("subtask", "success_minus_failure", "advantage")),
-        ("--scoring-preconditioner", scoring_preconditioner, ("none", "gram", "kfac")),
-    ):
-        if value not in choices:
-            raise TrajinfError(f"{name} must be one of {', '.join(choices)}, got '{value}'")
-    if scoring_preconditioner == "kfac" and mode != "factorized":
-        raise TrajinfError("--scoring-preconditioner kfac needs --mode factorized")
-    if kfac_damping < 0:
-        raise TrajinfError(f"--kfac-damping must be >= 0, got {kfac_damping}")
-    return ScoreJobConfig(
-        extraction=ExtractionConfig(
-            mode=mode, proj_dim=proj_dim, seed=seed, preconditioner=preconditioner, **extraction
-        ),
-        scoring=ScoreConfig(
-            metric=metric,
-            aggregate=aggregate,
-            remove_mean=remove_mean,
-            target_mode=target_mode,
-            preconditioner=scoring_preconditioner,
-            kfac_damping=kfac_damping,
-        ),
-        max_length=max_length,
-        subtask_field=subtask_field,
-        lora=lora,
-        seed=seed,
-    )
+    except ConfigError as e:
+        flag = next(
+            (o.flag for o in table.values() if o.owner.__name__ == e.owner and o.field == e.field),
+            e.field,
+        )
+        raise TrajinfError(f"{flag}: {e.problem}") from e
 
 
 @dataclass

@@ -26,10 +26,10 @@ from trajinf.job.inputs import checkpoint_list, load_inputs, subtask_labels, wit
 from trajinf.job.kfac import job_kfac_factors
 from trajinf.job.ranks import RankContext
 from trajinf.job.shards import pool_digest, resolve_device
-from trajinf.scoring.directions import KfacFactors, directions_from_stores
-from trajinf.scoring.harm import harmful_flags, kfac_null_scores, null_scores
-from trajinf.scoring.scores import ScoreResult, score_stores, score_tables, top_k
-from trajinf.scoring.source import PoolSource, ScoreConfig, nonfinite_ids
+from trajinf.scoring.harm import harmful_flags, null_scores
+from trajinf.scoring.preconditioners import KfacFactors
+from trajinf.scoring.scores import ScoreResult, score_stores, top_k
+from trajinf.scoring.source import ScoreConfig, nonfinite_ids
 from trajinf.selection.baselines import baseline_statistics
 from trajinf.store.atomic import write_json, write_parquet
 from trajinf.store.feature_store import FeatureStore
@@ -211,27 +211,16 @@ def score_pool(
         )
 
     t0 = time.perf_counter()
-    if factors is None:
-        result: ScoreResult = score_stores(pool_store, target_store, config.scoring)
-        null = null_scores(
-            pool_store,
-            target_store,
-            config.scoring,
-            n_directions=config.null_directions,
-            seed=config.seed,
-        )
-    else:  # the null's random targets are preconditioned too (kfac_null_scores)
-        dirs = directions_from_stores(pool_store, target_store, config.scoring, kfac=factors)
-        src = PoolSource.from_store(pool_store)
-        result = score_tables(src, dirs, config.scoring)
-        null = kfac_null_scores(
-            src,
-            dirs,
-            factors,
-            config.scoring,
-            n_directions=config.null_directions,
-            seed=config.seed,
-        )
+    # one path for every scoring preconditioner; K-FAC's factors also precondition the null
+    result: ScoreResult = score_stores(pool_store, target_store, config.scoring, kfac=factors)
+    null = null_scores(
+        pool_store,
+        result.directions,
+        config.scoring,
+        n_directions=config.null_directions,
+        seed=config.seed,
+        kfac=factors,
+    )
     flags, harmful_info = harmful_flags(result, null, alpha=config.harmful_alpha)
     timings["score_s"] = time.perf_counter() - t0
 
@@ -269,6 +258,4 @@ def top_k_scores(
     for ``config.preconditioner="kfac"``."""
     if k < 1:
         raise TrajinfError(f"top_k must be >= 1, got {k}")
-    if config.preconditioner == "kfac":
-        return top_k(pool, directions_from_stores(pool, target, config, kfac=kfac), config, k)
-    return top_k(pool, target, config, k)
+    return top_k(pool, target, config, k, kfac=kfac)

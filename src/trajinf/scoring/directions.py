@@ -1,23 +1,27 @@
 """Target directions: one vector per target subtask and checkpoint, from target features
-(subtask means, success minus failure, group advantages), centered and preconditioned
-against the pool (``remove_mean``, damped Gram inverse), or K-FAC-preconditioned per target
-(``preconditioner="kfac"``, :func:`kfac_precondition`)."""
+(subtask means, success minus failure, group advantages), centered against the pool
+(``remove_mean``) and preconditioned by the config's scoring-time preconditioner
+(:mod:`trajinf.scoring.preconditioners`: gram on the formed directions, fit on the pool's
+feature moments; kfac on every target feature, fit on K-FAC factors)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import scipy.linalg
 
 from trajinf.errors import StoreMismatchError, TrajinfError
+from trajinf.scoring.preconditioners import (
+    PRECONDITIONERS,
+    KfacFactors,
+    PoolMoments,
+    Preconditioner,
+    scoring_preconditioner,
+)
 from trajinf.scoring.source import PoolSource, ScoreConfig, ordered_map, per_checkpoint
 from trajinf.store.feature_store import FeatureStore
-
-# {module name: (A [k, k], G [k, k])} in feature (tracked-module) order: see gradients/kfac.py
-KfacFactors = Mapping[str, tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
@@ -50,17 +54,16 @@ def target_directions(
     each rollout group (reward, else success as 0/1). With cosine the targets are unit-normalized
     first, so scores are means (or differences of means) of cosines.
 
-    With ``preconditioner="kfac"`` each target t is replaced by H^-1 t (:func:`kfac_precondition`;
+    With ``preconditioner="kfac"`` each target t is replaced by H^-1 t (:class:`Kfac`;
     ``kfac``: factors of one checkpoint, or one set per checkpoint) before anything else, so
     cosine is ``<x / |x|, H^-1 t / |H^-1 t|>``: the pool feature normalized in plain space, the
     preconditioned target normalized by its own norm.
     """
     ts = per_checkpoint(target)
-    if config.preconditioner == "kfac":
-        ts = [
-            kfac_precondition(t, f, config.kfac_damping)
-            for t, f in zip(ts, _per_ckpt_factors(kfac, len(ts)), strict=True)
-        ]
+    prec = scoring_preconditioner(config, kfac)
+    if prec.on_targets:
+        prec.check(len(ts))
+        ts = [prec.apply(c, t) for c, t in enumerate(ts)]
     m = ts[0].shape[0]
     labels = np.asarray(
         ["all"] * m if subtasks is None else [str(s) for s in subtasks], dtype=object
@@ -97,56 +100,6 @@ def target_directions(
     return Directions(names, vectors, list(lr) if lr is not None else [1.0] * len(ts))
 
 
-def _per_ckpt_factors(
-    kfac: KfacFactors | Sequence[KfacFactors] | None, n_ckpt: int
-) -> list[KfacFactors]:
-    if kfac is None:
-        raise TrajinfError(
-            "ScoreConfig field 'preconditioner': 'kfac' needs factors (kfac=, from "
-            "trajinf.gradients.kfac.kfac_factors)"
-        )
-    sets = [kfac] if isinstance(kfac, Mapping) else list(kfac)
-    if len(sets) != n_ckpt:
-        raise TrajinfError(f"kfac: {len(sets)} factor sets for {n_ckpt} checkpoints")
-    return sets
-
-
-def _damped_inverse(m: np.ndarray, damping: float) -> np.ndarray:
-    """(M + lambda I)^-1 of a symmetric PSD factor, lambda = damping * trace(M) / k; an all-zero
-    factor gets lambda = 1 (the identity)."""
-    k = m.shape[0]
-    lam = damping * float(np.trace(m)) / k
-    lam = lam if lam > 0 else (0.0 if np.trace(m) > 0 else 1.0)
-    w, v = np.linalg.eigh((m + m.T) / 2)  # symmetrize float rounding away
-    w = w + lam
-    if w.min() <= 1e-12 * max(1.0, float(w.max())):
-        raise TrajinfError(
-            f"kfac preconditioner: factor + lambda I is singular; increase ScoreConfig field "
-            f"'kfac_damping' (now {damping})"
-        )
-    return (v / w) @ v.T
-
-
-def kfac_precondition(vectors: np.ndarray, factors: KfacFactors, damping: float) -> np.ndarray:
-    """float32 [M, D]: per layer l, block F_l (row-major k_out x k_in, blocks in ``factors``
-    order, as the factorized features lay them out) -> (G_l + lambda_G I)^-1 F_l
-    (A_l + lambda_A I)^-1, lambda = damping * trace(factor) / k."""
-    v = np.asarray(vectors, np.float64)
-    m, d = v.shape
-    blocks = list(factors.values())
-    k = blocks[0][0].shape[0] if blocks else 0
-    if not blocks or len(blocks) * k * k != d:
-        raise StoreMismatchError(
-            f"kfac: {len(blocks)} layers of {k} x {k} factors do not match feature dim {d}"
-        )
-    out = np.empty_like(v)
-    for i, (a, g) in enumerate(blocks):
-        sl = slice(i * k * k, (i + 1) * k * k)
-        f = v[:, sl].reshape(m, k, k)
-        out[:, sl] = (_damped_inverse(g, damping) @ f @ _damped_inverse(a, damping)).reshape(m, -1)
-    return out.astype(np.float32)
-
-
 def _flag(v: object) -> bool | None:
     return None if v is None or pd.isna(v) else bool(v)
 
@@ -167,52 +120,44 @@ def group_advantages(
     return np.where(ok, (r - mean) / np.where(ok, std, 1.0), 0.0)
 
 
-def prepare_directions(pool: PoolSource, directions: Directions, config: ScoreConfig) -> Directions:
-    """Center (remove_mean) and precondition (gram) directions against the pool's finite
-    trajectory features, one checkpoint at a time (one D x D float64 Gram in memory)."""
-    if not (config.remove_mean or config.preconditioner == "gram"):
-        return directions
+def pool_moments(pool: PoolSource, config: ScoreConfig, c: int, *, second: bool) -> PoolMoments:
+    """Moments of checkpoint c's finite pool trajectory features (``second``: also the D x D
+    sum of x x^T, float32 block products summed in float64). Blocks are added in block order
+    whatever the workers, so the moments are identical; at most ``workers`` D x D block
+    products wait in memory."""
     rows = pool.traj_rows[pool.finite]
-    n, d = max(1, len(rows)), pool.dim
+    total = np.zeros(pool.dim)
+    gram = np.zeros((pool.dim, pool.dim)) if second else None
+
+    def block(a: int):
+        x = pool.read(c, rows[a : a + config.chunk_rows])
+        return x.sum(0, dtype=np.float64), (x.T @ x if second else None)
+
+    blocks = range(0, len(rows), config.chunk_rows)
+    for part, xtx in ordered_map(block, blocks, config.workers, window=config.workers):
+        total += part
+        if gram is not None:
+            gram += xtx
+    return PoolMoments(max(1, len(rows)), total, gram)
+
+
+def prepare_directions(pool: PoolSource, directions: Directions, config: ScoreConfig) -> Directions:
+    """Center (remove_mean) and precondition directions against the pool's finite trajectory
+    features when the config's preconditioner fits on them (gram), one checkpoint at a time
+    (one D x D float64 matrix in memory). K-FAC acts on the targets instead
+    (:func:`target_directions`)."""
+    cls = PRECONDITIONERS[config.preconditioner].cls
+    fits_pool = cls is not None and cls.needs_pool
+    if not (config.remove_mean or fits_pool):
+        return directions
+    prec = scoring_preconditioner(config) if fits_pool else Preconditioner()
     means, vectors = [], []
     for c in range(pool.n_ckpt):
-        total = np.zeros(d)
-        gram = np.zeros((d, d)) if config.preconditioner == "gram" else None
-
-        def block(a: int, c: int = c, want_gram: bool = gram is not None):
-            x = pool.read(c, rows[a : a + config.chunk_rows])
-            return x.sum(0, dtype=np.float64), (x.T @ x if want_gram else None)
-
-        # block sums are added in block order whatever the workers: identical directions; at
-        # most `workers` D x D block products wait in memory
-        blocks = range(0, len(rows), config.chunk_rows)
-        for part, xtx in ordered_map(block, blocks, config.workers, window=config.workers):
-            total += part
-            if gram is not None:
-                gram += xtx  # float32 block product, float64 running sum
-        mu = total / n
-        means.append(mu.astype(np.float32))
-        u = directions.vectors[c]
-        if gram is not None:
-            raw_tr = np.trace(gram) / n
-            if config.remove_mean:
-                gram -= n * np.outer(mu, mu)
-            gram /= n
-            # Centering cancels digits of the float32 block sums, so lambda never drops below
-            # their rounding level; an all-zero pool (F == 0) falls back to the identity.
-            lam = max(config.damping * np.trace(gram) / d, 1e-5 * raw_tr / d)
-            lam = lam if lam > 0 else 1.0
-            gram[np.diag_indices(d)] += lam
-            try:
-                factor = scipy.linalg.cho_factor(gram)
-            except np.linalg.LinAlgError as e:
-                raise TrajinfError(
-                    f"gram preconditioner: (F + lambda I) is not positive definite at checkpoint "
-                    f"{c}; increase ScoreConfig field 'damping' (now {config.damping})"
-                ) from e
-            u = scipy.linalg.cho_solve(factor, u.T.astype(np.float64))
-            u = u.T.astype(np.float32)
-        vectors.append(u)
+        moments = pool_moments(pool, config, c, second=prec.needs_pool)
+        means.append(moments.mean.astype(np.float32))
+        if prec.needs_pool:
+            prec.fit(c, moments)
+        vectors.append(prec.apply(c, directions.vectors[c]))
     return Directions(
         directions.subtasks, vectors, directions.lr, means if config.remove_mean else None
     )
@@ -224,7 +169,7 @@ def target_inputs(
     it = target.items
     rows = it[(it["step"] == -1) & it["finite"]]
     if subtasks is None:
-        for name in (config.subtask_field, "task_id"):
+        for name in (config.subtask_column, "task_id"):
             if name in rows.columns and rows[name].notna().any():
                 subtasks = rows[name].fillna("unknown").astype(str).tolist()
                 break
@@ -236,7 +181,7 @@ def target_inputs(
         "reward": col("reward")
         if "reward" in rows.columns and rows["reward"].notna().any()
         else None,
-        "groups": col(config.group_field),
+        "groups": col(config.group_column),
     }
 
 

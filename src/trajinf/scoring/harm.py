@@ -3,18 +3,14 @@ calibrated on that null (trajectory score or minimum step score below a null qua
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
 from trajinf.errors import TrajinfError
-from trajinf.scoring.directions import (
-    Directions,
-    KfacFactors,
-    directions_from_stores,
-    kfac_precondition,
-)
+from trajinf.scoring.directions import Directions, directions_from_stores
+from trajinf.scoring.preconditioners import KfacFactors, scoring_preconditioner
 from trajinf.scoring.scores import ScoreResult, score_directions
 from trajinf.scoring.source import PoolSource, ScoreConfig
 from trajinf.store.feature_store import FeatureStore
@@ -27,25 +23,28 @@ def null_scores(
     *,
     n_directions: int = 32,
     seed: int = 0,
-    transform: Callable[[int, np.ndarray], np.ndarray] | None = None,
+    kfac: KfacFactors | Sequence[KfacFactors] | None = None,
 ) -> ScoreResult:
     """Scores of the pool against ``n_directions`` random targets: each draw replaces every
     subtask direction by an isotropic Gaussian one of the same norm (per checkpoint), and is
-    aggregated exactly like the real score. ``transform(c, draws [n_directions * S, D])``, if
-    given, maps checkpoint c's Gaussian draws before the norm rescale (K-FAC scoring passes its
-    preconditioner so the null has the targets' anisotropy). ``trajectories``: draw, id, score,
-    min_step_score (N * n_directions rows); ``steps`` is empty."""
+    aggregated exactly like the real score. A preconditioner that acts on every target (kfac,
+    factors ``kfac`` as for scoring) maps checkpoint c's Gaussian draws before the norm
+    rescale, so the null has the anisotropy of preconditioned targets rather than of white
+    noise; one that acts on the formed directions (gram) is already in ``target``'s norms.
+    ``trajectories``: draw, id, score, min_step_score (N * n_directions rows); ``steps`` is
+    empty."""
     src = PoolSource.from_store(pool) if isinstance(pool, FeatureStore) else pool
     if isinstance(target, FeatureStore):
         if not isinstance(pool, FeatureStore):
             raise TrajinfError("null_scores: pass Directions as target for an in-memory pool")
-        target = directions_from_stores(pool, target, config)
+        target = directions_from_stores(pool, target, config, kfac=kfac)
+    prec = scoring_preconditioner(config, kfac)
     rng = np.random.default_rng(seed)
     vectors = []
     for c, u in enumerate(target.vectors):  # [S, D]
         g = rng.standard_normal((n_directions, *u.shape)).astype(np.float32)
-        if transform is not None:
-            g = transform(c, g.reshape(-1, u.shape[1])).reshape(n_directions, *u.shape)
+        if prec.on_targets:
+            g = prec.apply(c, g.reshape(-1, u.shape[1])).reshape(n_directions, *u.shape)
         g *= (np.linalg.norm(u, axis=1)[None, :, None]) / np.linalg.norm(g, axis=2, keepdims=True)
         vectors.append(g.reshape(-1, u.shape[1]))
     out = score_directions(src, target, config, vectors)
@@ -63,8 +62,8 @@ def null_scores(
     )
     steps = pd.DataFrame({"id": [], "step": [], "score": []})
     info = {"null": True, "n_directions": n_directions, "seed": seed}
-    if transform is not None:
-        info["transformed"] = True
+    if prec.on_targets:
+        info["preconditioned"] = prec.name
     return ScoreResult(traj, steps, info)
 
 
@@ -122,28 +121,3 @@ def harmful_flags(
         "n_null": int(len(s0)),
     }
     return flags, info
-
-
-def kfac_null_scores(
-    pool: FeatureStore | PoolSource,
-    directions: Directions,
-    factors: Sequence[KfacFactors],
-    config: ScoreConfig,
-    *,
-    n_directions: int = 32,
-    seed: int = 0,
-) -> ScoreResult:
-    """:func:`trajinf.selection.select.null_scores` for K-FAC scoring: each random target is an
-    isotropic Gaussian passed through the same (G + lambda I)^-1 . (A + lambda I)^-1 as the
-    real targets, then scaled to the real direction's norm, so the null has the anisotropy of
-    preconditioned targets rather than of white noise (same table layout as null_scores)."""
-    from trajinf.scoring.harm import null_scores
-
-    def precondition(c: int, g: np.ndarray) -> np.ndarray:
-        return kfac_precondition(g, factors[c], config.kfac_damping)
-
-    res = null_scores(
-        pool, directions, config, n_directions=n_directions, seed=seed, transform=precondition
-    )
-    res.info["kfac"] = True
-    return res

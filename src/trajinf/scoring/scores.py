@@ -17,8 +17,9 @@ Everything streams over pool rows in blocks of ``chunk_rows`` with float32 math;
 one block, the directions and a few numbers per item (plus one D x D Gram with "gram").
 ``ScoreConfig.workers`` scores blocks on a thread pool; blocks and the order their results are
 combined in are the same for any number of workers, so the results are identical.
-Directions live in :mod:`trajinf.scoring.directions`, the config and pool readers in
-:mod:`trajinf.scoring.source`; their public names are re-exported here.
+Directions live in :mod:`trajinf.scoring.directions`, preconditioners in
+:mod:`trajinf.scoring.preconditioners`, the config and pool readers in
+:mod:`trajinf.scoring.source`.
 """
 
 from __future__ import annotations
@@ -30,18 +31,16 @@ import numpy as np
 import pandas as pd
 
 from trajinf.errors import TrajinfError
-from trajinf.scoring.directions import (  # noqa: F401  (public here too)
+from trajinf.scoring.directions import (
     Directions,
-    KfacFactors,
     check_pair,
     directions_from_stores,
-    group_advantages,
-    kfac_precondition,
     prepare_directions,
     target_directions,
     target_inputs,
 )
-from trajinf.scoring.source import (  # noqa: F401  (public here too)
+from trajinf.scoring.preconditioners import PRECONDITIONERS, KfacFactors
+from trajinf.scoring.source import (
     PoolSource,
     ScoreConfig,
     ordered_map,
@@ -216,7 +215,7 @@ def score_stores(
 ) -> ScoreResult:
     """Score every pool trajectory and step against a target store.
 
-    Target trajectories are grouped by ``config.subtask_field`` of the target items (or by
+    Target trajectories are grouped by ``config.subtask_column`` of the target items (or by
     ``target_subtasks``, one label per target trajectory row in row order). ``kfac``: factors
     for ``preconditioner="kfac"`` (:func:`trajinf.gradients.kfac.kfac_factors`).
     """
@@ -259,9 +258,12 @@ def top_k(
     directions: Directions | FeatureStore,
     config: ScoreConfig,
     k: int,
+    *,
+    kfac: KfacFactors | Sequence[KfacFactors] | None = None,
 ) -> pd.DataFrame:
     """The ``k`` best-scoring trajectories (id, score; descending, ties by position) without
-    holding all N scores: memory is one block plus k. ``directions`` may be a target store.
+    holding all N scores: memory is one block plus k. ``directions`` may be a target store
+    (``kfac``: factors for ``preconditioner="kfac"``, as in :func:`score_stores`).
 
     From a store the scan reads one shard's ``step`` column and row flags at a time and keeps
     row numbers and scores of the running top k; ids are read for the k winners only, so
@@ -270,7 +272,7 @@ def top_k(
     if isinstance(directions, FeatureStore):
         if not isinstance(pool, FeatureStore):
             raise TrajinfError("top_k: pass Directions for an in-memory pool")
-        directions = _store_directions(pool, directions, config)
+        directions = _store_directions(pool, directions, config, kfac)
     if isinstance(pool, FeatureStore) and not pool.is_view:
         top = _top_k_rows(pool, directions, config, k)
         if top is not None:
@@ -295,15 +297,22 @@ def _merge_top(
     return cand_s[order], cand_p[order]
 
 
-def _store_directions(pool: FeatureStore, target: FeatureStore, config: ScoreConfig) -> Directions:
+def _store_directions(
+    pool: FeatureStore,
+    target: FeatureStore,
+    config: ScoreConfig,
+    kfac: KfacFactors | Sequence[KfacFactors] | None,
+) -> Directions:
     """:func:`directions_from_stores`, without its pool pass when the config needs none (no
-    ``remove_mean``, no ``gram``): that pass builds a :class:`PoolSource` of every pool row."""
-    if config.remove_mean or config.preconditioner == "gram":
-        return directions_from_stores(pool, target, config)
+    ``remove_mean``, no preconditioner fit on the pool): that pass builds a
+    :class:`PoolSource` of every pool row."""
+    cls = PRECONDITIONERS[config.preconditioner].cls
+    if config.remove_mean or (cls is not None and cls.needs_pool):
+        return directions_from_stores(pool, target, config, kfac=kfac)
     check_pair(pool, target)
     # prepare_directions returns the raw directions unchanged under this config
     return target_directions(
-        config=config, lr=pool.learning_rates, **target_inputs(target, config, None)
+        config=config, lr=pool.learning_rates, kfac=kfac, **target_inputs(target, config, None)
     )
 
 

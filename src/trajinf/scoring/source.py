@@ -9,59 +9,79 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from trajinf.errors import TrajinfError
+from trajinf.errors import TrajinfError, check_fields
+from trajinf.scoring.preconditioners import SCORING_PRECONDITIONERS
 from trajinf.store.feature_store import FeatureStore
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-_CHOICES = {
-    "metric": ("cosine", "inner"),
-    "aggregate": ("max", "mean"),
-    "target_mode": ("subtask", "success_minus_failure", "advantage"),
-    "preconditioner": ("none", "gram", "kfac"),
-}
-
 
 @dataclass
 class ScoreConfig:
-    """How pool items are scored against a target (see module docstring)."""
+    """How pool items are scored against a target (every field's help is in its metadata;
+    the CLI options of ``trajinf score`` are built from it). Invalid values raise
+    :class:`~trajinf.errors.ConfigError` on construction."""
 
-    metric: str = "cosine"  # "cosine" | "inner"
-    aggregate: str = "max"  # across target subtasks: "max" | "mean" (mean within subtask)
-    remove_mean: bool = False  # subtract the pool's mean trajectory feature first
-    target_mode: str = "subtask"  # "subtask" | "success_minus_failure" | "advantage"
-    preconditioner: str = "none"  # "none" | "gram": damped (F + lambda I)^-1 on the targets
-    # | "kfac": per-layer (G + lambda_G I)^-1 F (A + lambda_A I)^-1 on each target feature,
-    # factors from trajinf.gradients.kfac.kfac_factors (passed as ``kfac=`` to scoring)
-    damping: float = 1e-3  # lambda = damping * trace(F) / D (relative to the mean eigenvalue)
-    kfac_damping: float = 0.1  # lambda_A, lambda_G = kfac_damping * trace(factor) / k
-    chunk_rows: int = 65536  # pool rows per block
-    subtask_field: str = "subtask"  # target items column of subtasks (falls back to task_id)
-    group_field: str = "task_id"  # target items column of rollout groups (advantage mode)
-    # Threads scoring blocks of chunk_rows rows at once (numpy matmul releases the GIL). Blocks
-    # and the order their sums are added in do not depend on it, so scores are identical to
-    # workers=1; memory grows to ~2 * workers blocks.
-    workers: int = 1
+    metric: Literal["cosine", "inner"] = field(
+        default="cosine", metadata={"help": "Similarity of pool and target features."}
+    )
+    aggregate: Literal["max", "mean"] = field(
+        default="max", metadata={"help": "Across target subtasks (mean within a subtask)."}
+    )
+    remove_mean: bool = field(
+        default=False, metadata={"help": "Subtract the pool's mean trajectory feature first."}
+    )
+    target_mode: Literal["subtask", "success_minus_failure", "advantage"] = field(
+        default="subtask",
+        metadata={
+            "help": "Target direction: subtask means, success minus failure, or group "
+            "advantages (see docs)."
+        },
+    )
+    preconditioner: Literal[SCORING_PRECONDITIONERS] = field(  # type: ignore[valid-type]
+        default="none",
+        metadata={
+            "help": "Preconditioner of the target directions: none, gram (damped inverse pool "
+            "Gram) or kfac (per-layer K-FAC factors of the pool, factorized mode; saved in "
+            "OUT/kfac/).",
+            "flag": "scoring_preconditioner",
+        },
+    )
+    gram_damping: float = field(
+        default=1e-3,
+        metadata={"help": "Gram damping: lambda = gram_damping * trace(F) / D.", "min": 0},
+    )
+    kfac_damping: float = field(
+        default=0.1,
+        metadata={"help": "K-FAC damping: lambda = kfac_damping * trace(factor) / k.", "min": 0},
+    )
+    chunk_rows: int = field(
+        default=65536, metadata={"help": "Pool rows scored per block (memory knob).", "min": 1}
+    )
+    # target items columns (store tables, not options): subtasks (falls back to task_id) and
+    # rollout groups (advantage mode)
+    subtask_column: str = field(default="subtask", metadata={"cli": False})
+    group_column: str = field(default="task_id", metadata={"cli": False})
+    workers: int = field(
+        default=1,
+        metadata={
+            # numpy matmul releases the GIL; blocks and the order their sums are added in do
+            # not depend on it, and memory grows to ~2 * workers blocks
+            "help": "Threads scoring blocks of pool rows in parallel (scores identical to 1).",
+            "min": 1,
+        },
+    )
 
     def __post_init__(self) -> None:
-        for name, allowed in _CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise TrajinfError(
-                    f"ScoreConfig field '{name}': {getattr(self, name)!r} not in {allowed}"
-                )
-        if self.chunk_rows < 1 or self.damping < 0 or self.workers < 1 or self.kfac_damping < 0:
-            raise TrajinfError(
-                "ScoreConfig fields 'chunk_rows' >= 1, 'workers' >= 1, 'damping' >= 0 and "
-                "'kfac_damping' >= 0 required"
-            )
+        check_fields(self)
 
 
 @dataclass
