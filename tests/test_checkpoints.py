@@ -110,8 +110,13 @@ def test_lora_adapter_round_trip_and_extraction(tmp_path):
 def test_load_model_wraps_lora_and_overwrite_is_atomic(tmp_path):
     gpt2 = tiny_model("gpt2", vocab=VOCAB, init_std=0.02)
     for name, model, targets in [
-        ("g", gpt2, {"c_attn", "c_proj"}),
-        ("l", llama(), {"q_proj", "k_proj", "v_proj", "o_proj"}),
+        # one LoRA config for training and scoring: attention and MLP projections
+        ("g", gpt2, {"c_attn", "c_proj", "c_fc"}),
+        (
+            "l",
+            llama(),
+            {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+        ),
     ]:
         save_checkpoint(model, tokenizer(), None, tmp_path / name, step=0, learning_rate=0.0)
         save_checkpoint(model, tokenizer(), None, tmp_path / name, step=1, learning_rate=0.0)

@@ -17,7 +17,7 @@ import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from trajinf.bench.methods import METHODS
+from trajinf.bench.methods import BENCH_METHODS
 from trajinf.bench.scenarios import SCENARIOS
 from trajinf.errors import TrajinfError
 from trajinf.loop.demo import DemoConfig
@@ -232,7 +232,7 @@ def plan_cells(plan: EnvPlan, config: BenchConfig) -> list[dict]:
     for scn in config.scenarios:
         head, every = plan.grid.get(scn, ((), ()))
         for method in dict.fromkeys(head + every):
-            if METHODS[method].full:
+            if BENCH_METHODS[method].full:
                 budgets = (1.0,)
             else:
                 budgets = tuple(

@@ -61,7 +61,7 @@ def _influence(name: str, variant: str, **options) -> Method:
     return Method(name, "influence", variant, options)
 
 
-METHODS: dict[str, Method] = {
+BENCH_METHODS: dict[str, Method] = {
     **{v: _influence(v, v) for v in VARIANTS},
     "inf+stepw": _influence("inf+stepw", "inf", step_weights=True),
     "inf-losssplit+stepw": _influence("inf-losssplit+stepw", "inf-losssplit", step_weights=True),

@@ -22,7 +22,7 @@ from trajinf.bench.env_bench import (
     read_cells,
     read_jsonl,
 )
-from trajinf.bench.methods import METHODS, Scored, run_variant
+from trajinf.bench.methods import BENCH_METHODS, Scored, run_variant
 from trajinf.bench.metrics import bad_step_localization, lds, summarize_cells
 from trajinf.bench.scenarios import build_bench_data
 from trajinf.data.trajectories import load_pool
@@ -48,7 +48,7 @@ def run_env(plan, config, out: Path, *, progress=None, log=print) -> dict:
     scored: dict[tuple[str, str], Scored] = {}
     scen_res: dict = {}
     for name, scn in data.scenarios.items():
-        needed = {METHODS[c["method"]].variant for c in cells if c["scenario"] == name}
+        needed = {BENCH_METHODS[c["method"]].variant for c in cells if c["scenario"] == name}
         needed.discard(None)
         needed.add("inf")
         scen_res[name] = {"pool": scn.summary, "n_pool": len(scn.pool), "variants": {}}
@@ -134,7 +134,11 @@ def _top_sources(pool, scores, budget: float) -> dict:
 def _prior_report(scn, plan, config, env, *, log=print) -> dict:
     """Detection and localization of each step prior used by the scenario's methods."""
     names = sorted(
-        {METHODS[m].prior for m in sum(plan.grid.get(scn.name, ((), ())), ()) if METHODS[m].prior}
+        {
+            BENCH_METHODS[m].prior
+            for m in sum(plan.grid.get(scn.name, ((), ())), ())
+            if BENCH_METHODS[m].prior
+        }
     )
     out = {}
     for name in names:
@@ -214,7 +218,7 @@ def prior_values(scn, name: str, env) -> object:
 
 
 def _select(method: str, scn, scored, budget: float, seed: int, env=None):
-    m = METHODS[method]
+    m = BENCH_METHODS[method]
     s = scored.get((scn.name, m.variant or "inf"))
     values = None
     if m.prior:

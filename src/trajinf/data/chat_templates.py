@@ -1,4 +1,5 @@
-"""Tool-call-aware jinja chat templates for locally trained tokenizers.
+"""Tool-call-aware jinja chat templates (for locally trained tokenizers, and for pretrained
+models whose own template drops tool calls: ``--chat-template chatml-tools``).
 
 Both templates are *prefix-stable*: rendering ``messages[:i]`` is always a string prefix of
 rendering ``messages[:i+1]`` (every message renders to its own block, independent of the
@@ -17,6 +18,10 @@ serialized with ``tojson`` when they are a mapping.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+
+from trajinf.errors import TrajinfError
 
 CHATML_TOOL_TEMPLATE = (
     "{%- set ns = namespace(start=0) %}"
@@ -101,3 +106,22 @@ LLAMA3_TOOL_TEMPLATE = (
 
 #: End-of-turn marker of each template (the token the model must learn to emit to stop).
 END_OF_TURN = {CHATML_TOOL_TEMPLATE: "<|im_end|>", LLAMA3_TOOL_TEMPLATE: "<|eot_id|>"}
+
+#: ``--chat-template`` names.
+CHAT_TEMPLATES = {"chatml-tools": CHATML_TOOL_TEMPLATE, "llama3-tools": LLAMA3_TOOL_TEMPLATE}
+
+
+def resolve_chat_template(spec: str) -> str:
+    """Jinja text of a ``--chat-template`` value: a name from :data:`CHAT_TEMPLATES` or the path
+    of a Jinja file (a one-line TrajinfError when it is neither)."""
+    if spec in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[spec]
+    path = Path(spec).expanduser()
+    if path.is_file():
+        text = path.read_text()
+        if not text.strip():
+            raise TrajinfError(f"{path}: empty chat template file")
+        return text
+    raise TrajinfError(
+        f"--chat-template {spec!r}: not one of {', '.join(CHAT_TEMPLATES)} and no such Jinja file"
+    )

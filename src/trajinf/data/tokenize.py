@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from trajinf.data.schema import Trajectory
+from trajinf.data.template_check import FIX, check_template_for
 from trajinf.errors import TemplateError, TrajinfError
 
 
@@ -106,6 +107,13 @@ def _spans(
             )
         start = max(len(head), len(before))
         actions[i] = (start, start + len(after[start:].rstrip()))
+        for call in m.get("tool_calls") or ():
+            name = (call.get("function") or call).get("name")
+            if name and name not in after[start:]:
+                raise TemplateError(
+                    f"{_where(traj)}: the chat template rendered assistant message {i} without "
+                    f"its tool call {name!r} (the action would be empty); {FIX}"
+                )
     return renders[n], actions, systems
 
 
@@ -249,12 +257,15 @@ def tokenize_pool(
 ) -> list[TokenizedTrajectory]:
     """Tokenize every trajectory (see :func:`tokenize_trajectory`), in input order.
 
+    The chat template is first probed (``template_check.check_template_for``): one that drops the
+    tool calls or tool results the trajectories use raises TemplateError before any work.
     ``on_too_long="skip"`` leaves out (with a warning) trajectories whose last step alone does
     not fit in ``max_length`` instead of raising; then the output is shorter than the input and
     must be matched by ``id``.
     """
     if on_too_long not in ("raise", "skip"):
         raise ValueError(f"on_too_long must be 'raise' or 'skip', got {on_too_long!r}")
+    check_template_for(tokenizer, trajs)
     out = []
     for t in trajs:
         try:

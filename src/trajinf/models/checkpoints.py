@@ -21,13 +21,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trajinf.errors import TrajinfError
+from trajinf.models.load import resolve_dtype, resolve_model_dir, set_chat_template
+from trajinf.models.lora import wrap_lora
 
 META_FILE = "trajinf_checkpoint.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 BASE_DIR = "base"
-# LoRA targets by architecture naming (llama/qwen2/mistral style, then gpt2 style)
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "c_proj")
 
 
 @dataclass
@@ -168,50 +168,28 @@ def load_checkpoint_state(path: str | Path) -> CheckpointState | None:
         ) from exc
 
 
-def lora_target_modules(model: torch.nn.Module) -> list[str]:
-    """LORA_TARGETS present in the model (leaf module names)."""
-    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    found = [t for t in LORA_TARGETS if t in leaves]
-    if not found:
-        raise TrajinfError(f"no LoRA target module ({', '.join(LORA_TARGETS)}) in this model")
-    return found
-
-
-def wrap_lora(model: torch.nn.Module, rank: int = 8, seed: int = 0) -> torch.nn.Module:
-    """A fresh peft LoRA (alpha = 2 * rank, no dropout) on the attention projections."""
-    from peft import LoraConfig, get_peft_model
-    from transformers.pytorch_utils import Conv1D
-
-    targets = lora_target_modules(model)
-    fan_in_fan_out = any(
-        isinstance(m, Conv1D) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets
-    )
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=2 * rank,
-        lora_dropout=0.0,
-        target_modules=targets,
-        fan_in_fan_out=fan_in_fan_out,
-        task_type="CAUSAL_LM",
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # LoRA A init draws from the global generator
-        return get_peft_model(model, config)
-
-
 def load_model(
-    path: str | Path, *, lora: bool = False, lora_rank: int = 8, trust_remote_code: bool = False
+    path: str | Path,
+    *,
+    lora: bool = False,
+    lora_rank: int = 8,
+    trust_remote_code: bool = False,
+    dtype: str | torch.dtype | None = None,
+    chat_template: str | None = None,
 ):
-    """Load (model, tokenizer) in float32 from a checkpoint or HF model directory.
+    """Load (model, tokenizer) from a checkpoint, a model directory, a ``.gguf`` file, a short
+    name (``smollm2-135m``) or a cached hub id (see ``models.load.resolve_model_dir``).
 
     A directory with adapter_config.json is a peft adapter: its base comes from `base/` if
     present, else from the adapter's base_model_name_or_path, and the adapter is loaded
-    trainable. `lora=True` on a plain model wraps it in a fresh LoRA (rank `lora_rank`).
+    trainable. `lora=True` on a plain model wraps it in a fresh LoRA (``models.lora``, rank
+    `lora_rank`). ``dtype``: fp32 (default) | bf16 | fp16 weights. ``chat_template``: a name
+    (chatml-tools, llama3-tools) or a Jinja file replacing the tokenizer's own template.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(path)
-    kwargs = {"dtype": torch.float32, "trust_remote_code": trust_remote_code}
+    path = resolve_model_dir(path)
+    kwargs = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
     adapter_cfg = path / ADAPTER_CONFIG
     if adapter_cfg.is_file():
         from peft import PeftModel
@@ -220,16 +198,16 @@ def load_model(
         base_path = path / BASE_DIR if (path / BASE_DIR).is_dir() else base_name
         if not base_path:
             raise TrajinfError(f"{adapter_cfg}: no base_model_name_or_path and no {BASE_DIR}/ dir")
-        base = AutoModelForCausalLM.from_pretrained(str(base_path), **kwargs)
+        base = AutoModelForCausalLM.from_pretrained(str(resolve_model_dir(base_path)), **kwargs)
         model = PeftModel.from_pretrained(base, str(path), is_trainable=True)
     else:
-        if not (path / "config.json").is_file() and path.exists():
+        if not (path / "config.json").is_file():
             raise TrajinfError(f"{path}: not a model directory (no config.json)")
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
         if lora:
             model = wrap_lora(model, lora_rank)
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    return model, tokenizer
+    return model, set_chat_template(tokenizer, chat_template)
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

@@ -24,15 +24,9 @@ import torch.nn.functional as F
 
 from trajinf.data.tokenize import TokenizedTrajectory
 from trajinf.errors import TrajinfError
+from trajinf.models.lora import wrap_lora
 
 log = logging.getLogger(__name__)
-
-# Linear layers LoRA may adapt, across the architectures trajinf builds or loads
-# (llama/qwen2/mistral names, then gpt2's Conv1D names).
-LORA_TARGET_CANDIDATES = (
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-    "c_attn", "c_proj", "c_fc",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -52,7 +46,7 @@ class TrainConfig:
     max_length: int | None = None  # left-truncate longer trajectories (whole steps)
     lora: bool = False  # train LoRA adapters (peft) instead of all weights
     lora_rank: int = 8
-    lora_alpha: float = 16.0
+    lora_alpha: float | None = None  # None: 2 * lora_rank (the models.lora default)
     grad_clip: float | None = 1.0  # max global grad norm; None disables clipping
     action_only: bool = True  # loss on assistant tokens only (False: every token after the first)
     log_every: int = 10  # log the running loss every N optimizer steps (0 = never)
@@ -252,40 +246,12 @@ def lr_factor(step: int, total: int, warmup_ratio: float, scheduler: str) -> flo
     raise TrajinfError(f"TrainConfig field 'scheduler': unknown value {scheduler!r}")
 
 
-def lora_target_modules(model: torch.nn.Module) -> list[str]:
-    """Names (last component) of the attention/MLP projections present in ``model``."""
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    found = [n for n in LORA_TARGET_CANDIDATES if n in present]
-    if not found:
-        raise TrajinfError(
-            f"TrainConfig field 'lora': no known projection layer ({', '.join(LORA_TARGET_CANDIDATES)}) "
-            f"in {type(model).__name__}"
-        )
-    return found
-
-
-def add_lora(model: torch.nn.Module, rank: int, alpha: float) -> torch.nn.Module:
-    """Wrap ``model`` with fresh LoRA adapters (peft) on its projections; no-op for peft models."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(model, PeftModel):
-        return model
-    targets = lora_target_modules(model)
-    cfg = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=0.0,
-        target_modules=targets,
-        # gpt2's Conv1D stores weights transposed
-        fan_in_fan_out=any(
-            isinstance(m, Conv1D)
-            for n, m in model.named_modules()
-            if n.rsplit(".", 1)[-1] in targets
-        ),
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, cfg)
+def add_lora(
+    model: torch.nn.Module, rank: int, alpha: float | None = None, seed: int = 0
+) -> torch.nn.Module:
+    """``model`` with fresh LoRA adapters (``models.lora.wrap_lora``: the same configuration
+    ``score --lora`` uses); no-op for peft models."""
+    return wrap_lora(model, rank, alpha, seed=seed)
 
 
 @contextlib.contextmanager
@@ -374,7 +340,7 @@ def train_sft(
 
     with _seeded_deterministic(config.seed):
         if config.lora:
-            model = add_lora(model, config.lora_rank, config.lora_alpha)
+            model = add_lora(model, config.lora_rank, config.lora_alpha, seed=config.seed)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             params,
