@@ -403,3 +403,44 @@ def test_store_reads_leave_no_shard_mapped(tmp_path):
     np.testing.assert_array_equal(full[::-1], store.features(0, rows[::-1]))
     np.testing.assert_array_equal(np.concatenate([b for _, b in store.iter_chunks(0, 7)]), full)
     assert "features-" not in maps.read_text()
+
+
+def test_preconditioner_registry_names_each_once_with_its_stage():
+    from trajinf.errors import literal_choices
+    from trajinf.gradients.config import EXTRACTION_PRECONDITIONERS, ExtractionConfig
+    from trajinf.scoring.preconditioners import PRECONDITIONERS, Gram, Kfac, Preconditioner
+
+    assert set(PRECONDITIONERS) == {"none", "adam", "factored_adam", "gram", "kfac"}
+    stage = {n: r.stages for n, r in PRECONDITIONERS.items()}
+    assert stage["adam"] == stage["factored_adam"] == ("extraction",)
+    assert stage["gram"] == stage["kfac"] == ("scoring",)
+    hints = __import__("typing").get_type_hints
+    assert set(literal_choices(hints(ScoreConfig)["preconditioner"])) == {"none", "gram", "kfac"}
+    ext = literal_choices(hints(ExtractionConfig)["preconditioner"])
+    assert set(ext) == set(EXTRACTION_PRECONDITIONERS) == {"none", "adam", "factored_adam"}
+    assert PRECONDITIONERS["kfac"].modes == ("factorized",)
+    assert PRECONDITIONERS["none"].cls is Preconditioner
+    assert PRECONDITIONERS["gram"].cls is Gram and PRECONDITIONERS["kfac"].cls is Kfac
+    assert PRECONDITIONERS["adam"].cls is None  # applied inside gradients
+
+
+def test_gram_preconditioner_against_dense_solve():
+    """Gram.fit on pool moments + apply == (F + lambda I)^-1 u with F the (centered) feature
+    covariance, by a dense float64 solve."""
+    from trajinf.scoring.directions import pool_moments
+    from trajinf.scoring.preconditioners import Gram
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((40, 6)).astype(np.float32) + 0.5
+    u = rng.standard_normal((2, 6)).astype(np.float32)
+    pool = PoolSource.from_arrays(x)
+    for center in (False, True):
+        cfg = ScoreConfig(preconditioner="gram", remove_mean=center, chunk_rows=7, workers=2)
+        g = Gram(cfg.gram_damping, center=center)
+        g.fit(0, pool_moments(pool, cfg, 0, second=True))
+        xc = x.astype(np.float64) - (x.mean(0) if center else 0.0)
+        f = xc.T @ xc / len(x)
+        f += cfg.gram_damping * np.trace(f) / 6 * np.eye(6)
+        np.testing.assert_allclose(g.apply(0, u), np.linalg.solve(f, u.T).T, rtol=1e-4)
+        with pytest.raises(TrajinfError, match="before it was fit"):
+            g.apply(1, u)

@@ -209,3 +209,31 @@ def test_near_duplicate_filter():
     scores = np.array([0, 0, 0, 0, 1.0, -1.0])
     assert near_duplicate_filter(x, scores=scores, block=2).tolist() == [1, 2, 3, 4]
     assert near_duplicate_filter(x, threshold=1.01).tolist() == list(range(6))
+
+
+def test_prior_registry_is_the_one_table():
+    """step_prior's names and options, and the CLI's --prior choices, come from PRIORS; each
+    registered option is a keyword of the function behind it."""
+    import inspect
+
+    from typer.testing import CliRunner
+
+    from trajinf.cli.main import app
+    from trajinf.selection.priors import PRIORS, step_prior
+    from trajinf.selection.priors.groups import branch_values, variance_values
+    from trajinf.selection.priors.replay import expert_values, tool_call_values
+
+    behind = {"branch": branch_values, "group_variance": variance_values,
+              "expert_aligned": expert_values, "tool_call": tool_call_values}  # fmt: skip
+    assert set(PRIORS) == set(behind)
+    renamed = {"similarity": "similarity_mode"}
+    for name, prior in PRIORS.items():
+        params = inspect.signature(behind[name]).parameters
+        assert all(renamed.get(o, o) in params for o in prior.options), name
+        assert prior.help
+    text = CliRunner().invoke(app, ["select", "--help"], env={"COLUMNS": "200"}).output
+    assert "<" + "|".join(PRIORS) + ">" in text
+    with pytest.raises(TrajinfError, match="allowed: \\['invalid', 'tasks'\\]"):
+        step_prior("tool_call", [], stat=None)
+    with pytest.raises(TrajinfError, match="choose from branch"):
+        step_prior("nope", [])

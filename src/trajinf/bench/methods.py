@@ -17,6 +17,7 @@ import pandas as pd
 
 from trajinf.errors import TrajinfError
 from trajinf.job.config import build_job_config
+from trajinf.selection.priors import PRIORS
 
 # variant name -> build_job_config options (on top of the bench's common ones) + extras
 VARIANTS: dict[str, dict] = {
@@ -71,11 +72,11 @@ BENCH_METHODS: dict[str, Method] = {
     # and combined with influence (rank by influence, weights from the rank-combined values)
     **{
         f"prior:{p}": Method(f"prior:{p}", "prior", None, {"step_weights": True}, prior=p)
-        for p in ("branch", "group_variance", "expert_aligned", "tool_call")
+        for p in PRIORS
     },
     **{
         f"inf*{p}": Method(f"inf*{p}", "influence", "inf", {"step_weights": True}, p, "rank")
-        for p in ("branch", "group_variance", "expert_aligned", "tool_call")
+        for p in PRIORS
     },
     # early experience (scenario "early"): influence top-k of the other items, plus no / all /
     # the influence-selected (same budget fraction) early-experience examples

@@ -2,16 +2,12 @@
 alone or combined with per-step influence (docs/architecture.md, "Step priors").
 
 ``step_prior(name, pool, env=..., **options)`` returns a DataFrame id, step, value (higher =
-more credit, NaN = undefined) with one row per step of every trajectory in ``pool``:
-
-- "branch": Tree-GRPO branch-point credit (:func:`trajinf.selection.priors.groups.branch_values`);
-  options shared ("group" | "zero" | "nan"), tree_field.
-- "group_variance": DRO variance of a per-step statistic across the task group
-  (:func:`trajinf.selection.priors.groups.variance_values`); option stat (id, step, value frame).
-- "expert_aligned": SRL agreement with the env's expert action in the same state
-  (:func:`trajinf.selection.priors.replay.expert_values`); needs ``env``; options similarity, tasks.
-- "tool_call": ToolPO tool-call correctness (:func:`trajinf.selection.priors.replay.tool_call_values`);
-  ``env`` optional; options invalid, tasks.
+more credit, NaN = undefined) with one row per step of every trajectory in ``pool``. The priors
+are registered by name in :data:`PRIORS` with their options: "branch" (Tree-GRPO,
+:func:`~trajinf.selection.priors.groups.branch_values`), "group_variance" (DRO,
+:func:`~trajinf.selection.priors.groups.variance_values`), "expert_aligned" (SRL,
+:func:`~trajinf.selection.priors.replay.expert_values`) and "tool_call" (ToolPO,
+:func:`~trajinf.selection.priors.replay.tool_call_values`).
 
 Filters: :func:`group_filter` (DAPO) and :func:`variance_filter` (DRO). Combination and export:
 :func:`trajectory_prior`, :func:`combine_steps`, :func:`weights_from_steps`. Also
@@ -21,7 +17,8 @@ and :func:`trajinf.envs.early_experience.early_experience`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -40,10 +37,53 @@ from trajinf.selection.priors.masks import mask_stats
 from trajinf.selection.priors.replay import expert_values, tool_call_values
 from trajinf.selection.priors.tool_spans import tool_call_mask, tool_call_spans
 
-PRIORS = ("branch", "group_variance", "expert_aligned", "tool_call")
+
+@dataclass(frozen=True)
+class StepPrior:
+    """A registered step prior: ``values(pool, env, **options) -> DataFrame id, step, value``,
+    the options it takes (name -> help) and a one-line description."""
+
+    values: Callable[..., pd.DataFrame]
+    options: dict[str, str]
+    help: str
+
+
+def _expert(pool: Sequence[Trajectory], env: Any, *, similarity: str = "auto", **kw: Any):
+    return expert_values(pool, env, similarity_mode=similarity, **kw)
+
+
+_TASKS = "prebuilt tasks by trajectory id (default: rebuilt from the trajectory meta)"
+
+# name -> prior; the CLI's --prior choices and step_prior's names and options come from here
+PRIORS: dict[str, StepPrior] = {
+    "branch": StepPrior(
+        lambda pool, env, **o: branch_values(pool, **o),
+        {
+            "shared": "value of steps that are no branch choice: group | zero | nan",
+            "tree_field": "meta field naming a rollout's tree (default: same start context)",
+        },
+        "Tree-GRPO branch-point credit (needs rollout groups)",
+    ),
+    "group_variance": StepPrior(
+        lambda pool, env, **o: variance_values(pool, **o),
+        {"stat": "per-step statistic frame (id, step, value); default: prefix value"},
+        "DRO variance of a per-step statistic across the task's rollouts",
+    ),
+    "expert_aligned": StepPrior(
+        _expert,
+        {"similarity": "exact | ratio | auto (exact when the env lists actions)", "tasks": _TASKS},
+        "SRL agreement with the env's expert action in the same state (needs env)",
+    ),
+    "tool_call": StepPrior(
+        tool_call_values,
+        {"invalid": "value of an invalid tool call (default -1)", "tasks": _TASKS},
+        "ToolPO tool-call correctness (env optional)",
+    ),
+}
 
 __all__ = [
     "PRIORS",
+    "StepPrior",
     "action_key",
     "combine_steps",
     "group_filter",
@@ -60,33 +100,20 @@ __all__ = [
 def step_prior(
     name: str, pool: Sequence[Trajectory], *, env: Any = None, **options: Any
 ) -> pd.DataFrame:
-    """Per-step values of prior ``name`` for every step of ``pool``: DataFrame id (str),
-    step (int), value (float; higher = more credit, NaN where undefined).
+    """Per-step values of prior ``name`` (a key of :data:`PRIORS`) for every step of
+    ``pool``: DataFrame id (str), step (int), value (float; higher = more credit, NaN where
+    undefined).
 
     ``env`` is a ``trajinf.envs`` env (needed by "expert_aligned", used by "tool_call" when
-    given). Options per prior are listed in the module docstring; unknown options raise.
+    given). ``options``: the prior's, listed in :data:`PRIORS`; unknown options raise.
     Details (e.g. how many replays stopped) are in ``df.attrs.get("info")``.
     """
-    allowed = {
-        "branch": {"shared", "tree_field"},
-        "group_variance": {"stat"},
-        "expert_aligned": {"similarity", "tasks"},
-        "tool_call": {"invalid", "tasks"},
-    }
-    if name not in allowed:
+    prior = PRIORS.get(name)
+    if prior is None:
         raise TrajinfError(f"prior '{name}': unknown; choose from {', '.join(PRIORS)}")
-    extra = set(options) - allowed[name]
+    extra = set(options) - set(prior.options)
     if extra:
         raise TrajinfError(
-            f"prior '{name}': unknown option(s) {sorted(extra)}; allowed: {sorted(allowed[name])}"
+            f"prior '{name}': unknown option(s) {sorted(extra)}; allowed: {sorted(prior.options)}"
         )
-    if name == "branch":
-        return branch_values(pool, **options)
-    if name == "group_variance":
-        return variance_values(pool, **options)
-    if name == "expert_aligned":
-        opts = dict(options)
-        if "similarity" in opts:
-            opts["similarity_mode"] = opts.pop("similarity")
-        return expert_values(pool, env, **opts)
-    return tool_call_values(pool, env, **options)
+    return prior.values(pool, env, **options)
