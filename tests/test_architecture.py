@@ -118,7 +118,7 @@ def test_no_private_names_imported_across_modules() -> None:
 
 def test_at_most_a_dozen_entries_at_the_top() -> None:
     top = [p.name for p in ROOT.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()]
-    assert len(top) <= 16, sorted(top)  # modules + packages; __init__/__main__ included
+    assert len(top) <= 17, sorted(top)  # modules + packages; __init__/__main__ included
     assert len([t for t in top if t.endswith(".py")]) <= 12, sorted(top)
 
 
