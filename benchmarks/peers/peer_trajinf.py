@@ -86,7 +86,7 @@ def run(
                     metric=metric,
                     preconditioner=precond,
                     aggregate="max",
-                    damping=damping or 1e-3,
+                    gram_damping=damping or 1e-3,
                     kfac_damping=damping if precond == "kfac" else 0.1,
                 ),
                 subtasks=qids,

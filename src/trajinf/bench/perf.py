@@ -24,6 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from trajinf.data.tokenize import TokenizedTrajectory
 from trajinf.gradients import ExtractionConfig, extract_features, feature_dim
 from trajinf.gradients.batching import item_steps, make_batch, model_logits, plan_batches, token_nll
+from trajinf.gradients.loss import ActionNLL
 from trajinf.models.checkpoints import wrap_lora
 
 Log = Callable[[str], None]
@@ -70,7 +71,7 @@ def llama(hidden: int, layers: int, vocab: int, max_tokens: int, seed: int = 0) 
 def time_training(model: torch.nn.Module, items: Sequence, batch_tokens: int) -> float:
     """Seconds for forward + backward (with weight gradients) over all items."""
     model.zero_grad(set_to_none=True)
-    steps = [item_steps(it, "mean") for it in items]
+    steps = [item_steps(it, ActionNLL()) for it in items]
     device = next(model.parameters()).device
     start = time.perf_counter()
     for group in plan_batches([len(it.input_ids) for it in items], batch_tokens):

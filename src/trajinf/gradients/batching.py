@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from trajinf.data.tokenize import TokenizedTrajectory
+from trajinf.gradients.loss import ActionNLL
 
 
 @dataclass
@@ -24,8 +25,8 @@ class ItemSteps:
     n_action: int
 
 
-def item_steps(item: TokenizedTrajectory, loss_normalization: str) -> ItemSteps:
-    """Step slots and loss weights of one item.
+def item_steps(item: TokenizedTrajectory, loss: ActionNLL) -> ItemSteps:
+    """Step slots and loss weights (``loss.token_weights``) of one item.
 
     Position p computes the logits for token p+1, so its activations belong to token p+1's
     step. Positions between steps (tool results, user turns) belong to the step before them
@@ -46,11 +47,7 @@ def item_steps(item: TokenizedTrajectory, loss_normalization: str) -> ItemSteps:
     else:
         position_slot = np.full(t_len, -1, dtype=np.int64)
     n_action = int(action.sum())
-    weight = action.astype(np.float32)
-    if item.weights is not None:
-        weight = weight * np.asarray(item.weights, dtype=np.float32)
-    if loss_normalization == "mean" and n_action > 0:
-        weight = weight / np.float32(n_action)
+    weight = loss.token_weights(item)
     step_tokens = np.bincount(token_slot[action & (token_slot >= 0)], minlength=len(step_index))
     return ItemSteps(
         step_index=step_index.astype(np.int32),

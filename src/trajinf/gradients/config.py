@@ -8,6 +8,7 @@ from typing import Literal
 import numpy as np
 
 from trajinf.errors import ConfigError, check_fields
+from trajinf.gradients.loss import ActionNLL
 
 # Extraction-time preconditioners and the modes that compute them. These names are also the
 # extraction stage of the preconditioner registry (trajinf.scoring.preconditioners).
@@ -103,6 +104,11 @@ class ExtractionConfig:
     def to_dict(self) -> dict:
         """JSON-ready dict (goes into the store manifest), with the step split actually computed."""
         return {**asdict(self), "step_split": self.effective_step_split}
+
+    @property
+    def loss(self) -> ActionNLL:
+        """The default loss of this config: action-only NLL with ``loss_normalization``."""
+        return ActionNLL(self.loss_normalization)
 
     @property
     def effective_step_split(self) -> str:

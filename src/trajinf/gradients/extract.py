@@ -13,6 +13,7 @@ from trajinf.gradients.batching import ItemSteps, item_steps, make_batch, plan_b
 from trajinf.gradients.config import ExtractionConfig, ItemFeatures
 from trajinf.gradients.factorized import FactorizedExtractor, split_item
 from trajinf.gradients.less import LessExtractor
+from trajinf.gradients.loss import ActionNLL
 from trajinf.gradients.modules import tracked_modules
 from trajinf.gradients.projection import factorized_k
 from trajinf.models.checkpoints import CheckpointState
@@ -54,8 +55,12 @@ def extract_features(
     checkpoint_state: CheckpointState | None = None,
     update_mask: dict[str, torch.Tensor] | None = None,
     progress: Callable[[int], None] | None = None,
+    loss: ActionNLL | None = None,
 ) -> Iterator[ItemFeatures]:
     """Yield one ItemFeatures per item, in input order.
+
+    ``loss``: the loss whose gradients are the features (:mod:`trajinf.gradients.loss`);
+    default ``config.loss``, the action-only NLL with ``config.loss_normalization``.
 
     Each ItemFeatures has trajectory float32 [D] and steps float32 [S, D]; D = feature_dim.
     Non-finite loss or features give finite=False and zero features (other items of the batch
@@ -75,10 +80,11 @@ def extract_features(
         extractor = LessExtractor(modules, config, device, **kwargs)
         window_fn = _less_window
     done = progress if progress is not None else (lambda n: None)
+    loss = config.loss if loss is None else loss
     for start in range(0, len(items), WINDOW_ITEMS):
         window = list(range(start, min(start + WINDOW_ITEMS, len(items))))
         with eval_mode(model):
-            results = window_fn(model, items, window, extractor, config, done)
+            results = window_fn(model, items, window, extractor, config, loss, done)
         for i in window:
             yield results[i]
 
@@ -111,9 +117,15 @@ def _result(
 
 
 def _factorized_window(
-    model, items, window, extractor: FactorizedExtractor, config, done: Callable[[int], None]
+    model,
+    items,
+    window,
+    extractor: FactorizedExtractor,
+    config: ExtractionConfig,
+    objective: ActionNLL,
+    done: Callable[[int], None],
 ) -> dict[int, ItemFeatures]:
-    steps = {i: item_steps(items[i], config.loss_normalization) for i in window}
+    steps = {i: item_steps(items[i], objective) for i in window}
     device = model_device(model)
 
     def run(indices: list[int]) -> dict[int, ItemFeatures]:
@@ -142,7 +154,13 @@ def _factorized_window(
 
 
 def _less_window(
-    model, items, window, extractor: LessExtractor, config, done: Callable[[int], None]
+    model,
+    items,
+    window,
+    extractor: LessExtractor,
+    config: ExtractionConfig,
+    objective: ActionNLL,
+    done: Callable[[int], None],
 ) -> dict[int, ItemFeatures]:
     results: dict[int, ItemFeatures] = {}
     pending: list[tuple[int, ItemSteps, torch.Tensor, float]] = []
@@ -164,7 +182,7 @@ def _less_window(
 
     n_rows = 0
     for i in window:
-        st = item_steps(items[i], config.loss_normalization)
+        st = item_steps(items[i], objective)
         raw, loss = extractor.raw_gradients(model, items[i], st)
         if not bool(torch.isfinite(raw).all()):
             loss = float("nan")  # finite=False; zeros are written by _result

@@ -95,7 +95,7 @@ def kfac_factors(
     if len(items) > max_items:
         pick = np.sort(np.random.default_rng(seed).choice(len(items), max_items, replace=False))
     chosen = [items[i] for i in pick]
-    steps = [item_steps(it, config.loss_normalization) for it in chosen]
+    steps = [item_steps(it, config.loss) for it in chosen]
     keep = [i for i, st in enumerate(steps) if st.n_action > 0]
     if not keep:
         raise TrajinfError("kfac_factors: no item has action tokens")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from trajinf.data.tokenize import TokenizedTrajectory
 from trajinf.errors import TrajinfError
+from trajinf.gradients.loss import ActionNLL
 from trajinf.models.lora import wrap_lora
 
 log = logging.getLogger(__name__)
@@ -102,16 +103,14 @@ class SFTBatch:
 def token_loss_weights(item: TokenizedTrajectory, *, action_only: bool = True) -> np.ndarray:
     """Loss weight per token of one item: float32 [T] (0 where the token's loss does not count).
 
-    ``action_only=False`` gives every token but the first weight 1 (plain LM loss).
+    ``action_only``: the action-only NLL with per-step weights of the gradient features
+    (:class:`~trajinf.gradients.loss.ActionNLL`, summed: the batch divides by its total
+    weight); ``action_only=False`` gives every token but the first weight 1 (plain LM loss).
     """
-    n = len(item.input_ids)
-    if not action_only:
-        w = np.ones(n, dtype=np.float32)
-        w[:1] = 0.0  # token 0 has no context to be predicted from
-        return w
-    w = item.action_mask.astype(np.float32)
-    if item.weights is not None:
-        w = w * np.asarray(item.weights, dtype=np.float32)
+    if action_only:
+        return ActionNLL("sum").token_weights(item)
+    w = np.ones(len(item.input_ids), dtype=np.float32)
+    w[:1] = 0.0  # token 0 has no context to be predicted from
     return w
 
 
