@@ -94,13 +94,19 @@ BENCH_METHODS: dict[str, Method] = {
 }
 
 
-def job_config(variant: str, *, proj_dim: int, seed: int, demo) -> object:
-    """The ScoreJobConfig of a variant (``demo``: DemoData, for the sparse mask's checkpoints)."""
+def job_config(
+    variant: str, *, proj_dim: int, seed: int, demo, target_mode: str | None = None
+) -> object:
+    """The ScoreJobConfig of a variant (``demo``: DemoData, for the sparse mask's checkpoints;
+    ``target_mode``: overrides the variant's)."""
     if variant not in VARIANTS:
         raise TrajinfError(f"bench: unknown scoring variant '{variant}'; known: {sorted(VARIANTS)}")
     opts = dict(VARIANTS[variant])
-    mask = opts.pop("update_mask", False)
-    cfg = build_job_config(
+    if opts.pop("update_mask", False):
+        opts["update_mask_from"] = (str(demo.base_dir), str(demo.warm_dir))
+    if target_mode is not None:
+        opts["target_mode"] = target_mode
+    return build_job_config(
         proj_dim=proj_dim,
         has_checkpoints=True,
         subtask_field="family",
@@ -108,9 +114,6 @@ def job_config(variant: str, *, proj_dim: int, seed: int, demo) -> object:
         max_length=None,
         **opts,
     )
-    if mask:
-        cfg.update_mask_from = (str(demo.base_dir), str(demo.warm_dir))
-    return cfg
 
 
 @dataclass
@@ -134,8 +137,8 @@ def run_variant(variant: str, scenario, demo, out: Path, *, proj_dim: int, seed:
         meta = json.loads(done.read_text())
         s, st, stats = read_scores(out)
         return Scored(s, st, stats, meta["seconds"], meta["timings"])
-    cfg = job_config(variant, proj_dim=proj_dim, seed=seed, demo=demo)
-    cfg.scoring.target_mode = _target_mode(variant, scenario)
+    mode = _target_mode(variant, scenario)
+    cfg = job_config(variant, proj_dim=proj_dim, seed=seed, demo=demo, target_mode=mode)
     t0 = time.perf_counter()
     res = score_pool(
         demo.warm_dir,
