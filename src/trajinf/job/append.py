@@ -1,36 +1,45 @@
 """``score_pool(append=True)``: extract and score only pool trajectories not yet scored,
-against the stored target with the stored directions and harmful thresholds."""
+against the stored target with the stored directions and harmful thresholds.
+
+Extraction goes through the job's one loop (:func:`trajinf.job.shards.extract_into`) with the
+job's update mask, and the pool store is opened with the full fingerprint (update mask
+included), so appended rows are what a full run would have stored for them.
+"""
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import pandas as pd
 
 from trajinf.data.tokenize import tokenize_pool
 from trajinf.errors import StoreCorruptError, TrajinfError
-from trajinf.gradients import extract_features, feature_dim
+from trajinf.gradients import feature_dim
+from trajinf.job.distributed import clean_temp_files
 from trajinf.job.inputs import (
     checkpoint_list,
     load_inputs,
     load_tokenizer,
+    load_update_mask,
     subtask_labels,
     with_meta,
 )
 from trajinf.job.kfac import stored_kfac_factors
 from trajinf.job.shards import (
+    PlannedShard,
+    extract_into,
     items_table,
     load_checkpoints,
+    plan_shards,
     pool_digest,
     resolve_device,
-    shard_bounds,
-    storable,
 )
 from trajinf.scoring.directions import directions_from_stores
+from trajinf.scoring.harm import flags_at_thresholds
 from trajinf.scoring.scores import score_tables
 from trajinf.scoring.source import PoolSource, nonfinite_ids
 from trajinf.selection.baselines import baseline_statistics
@@ -41,11 +50,19 @@ if TYPE_CHECKING:
     from trajinf.job.config import ScoreJobConfig, ScoreOutputs
 
 
+def unfinished_shards(store: FeatureStore) -> list[int]:
+    """Shards recorded at some checkpoint but not at all of them (an append killed between
+    two checkpoints), in order."""
+    per = [{e["shard"] for e in store.shards(c)} for c in range(store.n_checkpoints)]
+    return sorted(set().union(*per) - set.intersection(*per))
+
+
 def score_appended(
     model_dir, pool, target, out: Path, *, checkpoints, config: ScoreJobConfig, progress
 ) -> ScoreOutputs:
     """``score_pool(append=True)`` on an ``out`` that holds a full scoring (job.json with
-    harmful thresholds): new ids are extracted into new pool shards and scored; tables grow."""
+    harmful thresholds): new ids are extracted into new pool shards and scored; tables grow.
+    A store built with another update mask (or none) is refused (StoreMismatchError)."""
     from trajinf.job.config import ScoreOutputs
 
     job = json.loads((out / "job.json").read_text())
@@ -54,7 +71,7 @@ def score_appended(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     ckpts = checkpoint_list(Path(model_dir), checkpoints)
-    pool_trajs, target_trajs, _, target_tok = load_inputs(
+    pool_trajs, _target_trajs, _, target_tok = load_inputs(
         Path(model_dir), pool, target, config, tokenize_pool_too=False
     )
     models, ckpt_info, fp = load_checkpoints(
@@ -64,51 +81,54 @@ def score_appended(
         device=resolve_device(config.device),
         trust_remote_code=config.trust_remote_code,
     )
+    mask = load_update_mask(config)
     dim = feature_dim(models[0][0], config.extraction)
-    store = FeatureStore.open(
-        out / "store" / "pool", expect={**fp, "dim": dim, "checkpoints": ckpt_info}
-    )
+    expect = {
+        **fp,
+        "update_mask": mask.fingerprint() if mask is not None else None,
+        "dim": dim,
+        "checkpoints": ckpt_info,
+    }
+    store = FeatureStore.open(out / "store" / "pool", expect=expect)
     if store.verify():
         raise StoreCorruptError(
             f"{store.path}: damaged shards {store.verify()}; rerun without append on the full pool"
         )
-    known = set(store.items["id"])
-    new = [t for t in pool_trajs if t.id not in known]
+    by_id = {t.id: t for t in pool_trajs}
+    # finish the shards an interrupted append left at some checkpoints only, then the new ids
+    partial = unfinished_shards(store)
+    items = store.items
+    n_items = int(store.manifest["n_items"])
+    redo = items[items["step"] == -1]
+    redo = redo[redo["item"].isin(_shard_item_ids(store, partial))].sort_values("item")
+    n_base = int(redo["item"].min()) if len(redo) else n_items
+    if list(redo["item"]) != list(range(n_base, n_items)):
+        raise TrajinfError(
+            f"{store.path}: unfinished shards {partial} are not the last ones; rerun without append"
+        )
+    missing = [i for i in redo["id"] if i not in by_id]
+    if missing:
+        raise TrajinfError(
+            f"{store.path}: ids {missing[:3]} were appended by an interrupted run but are not in "
+            "this pool; pass the same pool again"
+        )
+    known = set(items["id"])
+    todo_extract = [by_id[i] for i in redo["id"]] + [t for t in pool_trajs if t.id not in known]
     tokenizer = load_tokenizer(Path(model_dir), trust_remote_code=config.trust_remote_code)
-    new_tok = tokenize_pool(new, tokenizer, max_length=config.max_length)
+    tokens = tokenize_pool(todo_extract, tokenizer, max_length=config.max_length)
     timings["load_tokenize_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    n_old = int(store.manifest["n_items"])
-    items = items_table(new, new_tok, subtask_labels(new, config.subtask_field))
-    if new:
-        items["item"] += n_old
-    tick = progress("pool features (appended)", len(new)) if progress and new else None
-    for a, b in shard_bounds(len(new), config.shard_items):
-        blocks = []
-        rows = items[(items["item"] >= n_old + a) & (items["item"] < n_old + b)].copy()
-        for c, (model, _tok, state) in enumerate(models):
-            fs = [
-                storable(f)
-                for f in extract_features(
-                    model, new_tok[a:b], config.extraction, checkpoint_state=state
-                )
-            ]
-            blocks.append(np.concatenate([r for f in fs for r in (f.trajectory[None], f.steps)]))
-            # per checkpoint, as in extract_store: an item non-finite at any one is skipped
-            loss = {n_old + a + f.index: f.loss for f in fs}
-            finite = {n_old + a + f.index: f.finite for f in fs}
-            rows[f"loss_{c}"] = rows["item"].map(loss).astype(float)
-            rows[f"finite_{c}"] = rows["item"].map(finite).astype(bool)
-        store.append(rows, blocks)
-        if tick:
-            tick(b - a)
+    if todo_extract:
+        _extract_appended(
+            store, models, todo_extract, tokens, partial, n_base, config, mask, progress
+        )
     timings["extract_pool_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    store = FeatureStore.open(store.path)
     old_scores = pd.read_parquet(out / "scores.parquet")
     fresh = ~store.items["id"].isin(set(old_scores["id"].astype(str)))
-    by_id = {t.id: t for t in pool_trajs}
     todo_ids = store.items.loc[fresh & (store.items["step"] == -1), "id"].tolist()
     missing = [i for i in todo_ids if i not in by_id]
     if missing:
@@ -131,17 +151,7 @@ def score_appended(
     new_view = store.view(fresh.to_numpy())
     result = score_tables(PoolSource.from_store(new_view), dirs, config.scoring)
     h = job["harmful"]
-    s = result.trajectories["score"].to_numpy(float)
-    m = result.trajectories["min_step_score"].to_numpy(float)
-    with np.errstate(invalid="ignore"):
-        by_score, by_step = s < h["score_threshold"], m < h["step_threshold"]
-    reason = np.where(
-        by_score & by_step,
-        "score+step",
-        np.where(by_score, "score", np.where(by_step, "step", "")),
-    )
-    ids = result.trajectories["id"]
-    flags = pd.DataFrame({"id": ids, "harmful": by_score | by_step, "reason": reason})
+    flags = flags_at_thresholds(result.trajectories, h["score_threshold"], h["step_threshold"])
     todo = [by_id[i] for i in todo_ids]
     traj = with_meta(result.trajectories.merge(flags, on="id", how="left"), todo)
     traj = pd.concat([old_scores, traj], ignore_index=True)
@@ -150,10 +160,13 @@ def score_appended(
     )
     timings["score_s"] = time.perf_counter() - t0
     if config.baselines and (out / "statistics.parquet").exists() and todo:
-        todo_tok = tokenize_pool(todo, tokenizer, max_length=config.max_length)
+        done_tok = {t.id: tok for t, tok in zip(todo_extract, tokens, strict=True)}
+        rest = [t for t in todo if t.id not in done_tok]
+        more = tokenize_pool(rest, tokenizer, max_length=config.max_length) if rest else []
+        done_tok.update({t.id: tok for t, tok in zip(rest, more, strict=True)})
         stats = baseline_statistics(
             model_dir,
-            todo_tok,
+            [done_tok[t.id] for t in todo],
             target_tok,
             new_view,
             target_store,
@@ -171,3 +184,54 @@ def score_appended(
     job.update(n_pool=len(traj), nonfinite=nonfinite_ids(store), timings_append=timings)
     write_json(job, out / "job.json")
     return ScoreOutputs(out, traj, steps, h, timings)
+
+
+def _shard_item_ids(store: FeatureStore, shards: list[int]) -> set[int]:
+    return {i for s in shards for i in store.shard_items(s, ["item"]).column("item").to_pylist()}
+
+
+def _item_range(store: FeatureStore, shard: int) -> tuple[int, int]:
+    """``[first, last + 1)`` item ids of a recorded shard."""
+    ids = store.shard_items(shard, ["item"]).column("item").to_pylist()
+    return min(ids), max(ids) + 1
+
+
+def _extract_appended(
+    store: FeatureStore,
+    models: list[tuple],
+    trajs: list,
+    tokens: list,
+    partial: list[int],
+    n_base: int,
+    config: ScoreJobConfig,
+    mask,
+    progress,
+) -> None:
+    """Extract ``trajs`` (items ``n_base``..: those of the unfinished shards ``partial``, then
+    new ones in new shards) at every checkpoint, with the job's one extraction loop."""
+    n_items = int(store.manifest["n_items"])
+    table = items_table(trajs, tokens, subtask_labels(trajs, config.subtask_field))
+    table["item"] += n_base
+    n_redo = n_items - n_base
+    plan = [
+        PlannedShard(s, a - n_base, b - n_base, table[table["item"].between(a, b - 1)])
+        for s in partial
+        for a, b in [_item_range(store, s)]
+    ]
+    new_rows = table[table["item"] >= n_items]
+    plan += [
+        replace(p, start=p.start + n_redo, stop=p.stop + n_redo)
+        for p in plan_shards(
+            new_rows, len(trajs) - n_redo, config.shard_items, first_shard=store.next_shard()
+        )
+    ]
+    clean_temp_files(store.path)
+    for c, (model, _tok, state) in enumerate(models):
+        tick = (
+            progress(f"pool features (appended), checkpoint {c + 1}", len(tokens))
+            if progress
+            else None
+        )
+        extract_into(
+            store, c, model, tokens, plan, config.extraction, state, tick, update_mask=mask
+        )

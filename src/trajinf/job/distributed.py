@@ -33,9 +33,12 @@ from trajinf.errors import TrajinfError
 from trajinf.gradients import ExtractionConfig, feature_dim
 from trajinf.job.ranks import RankContext, launch, rank_context, shutdown  # noqa: F401
 from trajinf.job.shards import (  # noqa: F401  (public here too)
+    PlannedShard,
+    UpdateMask,
     extract_into,
     items_table,
     load_checkpoints,
+    plan_shards,
     pool_digest,
     resolve_device,
     shard_bounds,
@@ -125,13 +128,14 @@ def extract_store(
     rank: RankContext | None = None,
     device: str = "cpu",
     trust_remote_code: bool = False,
-    update_mask: dict | None = None,
+    update_mask: UpdateMask | dict | None = None,
 ) -> FeatureStore:
     """Extract (or resume extracting) features of ``trajs`` at every checkpoint into a store.
 
     The store's fingerprint covers the model weights at each checkpoint, the tokenizer, the
     tracked modules, the extraction config and the input, so reopening it with anything else
-    raises StoreMismatchError naming what differs. Shards recorded in the manifest are checked
+    raises StoreMismatchError naming what differs; an ``update_mask`` is part of the
+    fingerprint too (its source and bits). Shards recorded in the manifest are checked
     against their sha256 first; damaged ones are named in a warning and re-extracted.
 
     With ``rank`` (world > 1, every rank calls this with the same arguments) each rank extracts
@@ -141,21 +145,25 @@ def extract_store(
     ctx = rank or RankContext()
     items = items_table(trajs, tokens, subtasks)
     items.insert(0, "row", np.arange(len(items), dtype=np.int64))
-    bounds = shard_bounds(len(tokens), shard_items)
-    shard_rows = [items[(items["item"] >= a) & (items["item"] < b)] for a, b in bounds]
+    plan = plan_shards(items, len(tokens), shard_items)
+    shard_rows = [p.rows for p in plan]
+    if update_mask is not None and not isinstance(update_mask, UpdateMask):
+        update_mask = UpdateMask(update_mask)
 
     def prepare() -> tuple[list[tuple], list[dict], dict, int]:
         models, ckpt_info, fp = load_checkpoints(
             checkpoints, config, lora=lora, device=device, trust_remote_code=trust_remote_code
         )
         fingerprint = {**fp, "input_sha256": input_digest, "n_items": len(trajs)}
+        # always a key (None: no mask), so a masked store refuses an unmasked job and back
+        fingerprint["update_mask"] = update_mask.fingerprint() if update_mask is not None else None
         return models, ckpt_info, fingerprint, feature_dim(models[0][0], config)
 
     models: list[tuple] = []
 
     def run(store: FeatureStore, shards: Sequence[int], elsewhere=lambda c, s: False) -> None:
         clean_temp_files(store.path)
-        total = sum(bounds[s][1] - bounds[s][0] for s in shards)
+        total = sum(plan[s].stop - plan[s].start for s in shards)
         for c, (model, _tok, state) in enumerate(models):
             tick = (
                 progress(f"{label} features, checkpoint {c + 1}/{len(models)}", total)
@@ -167,11 +175,9 @@ def extract_store(
                 c,
                 model,
                 tokens,
-                shard_rows,
-                bounds,
+                [plan[s] for s in shards],
                 config,
                 state,
-                shards,
                 tick,
                 elsewhere,
                 update_mask=update_mask,
@@ -181,7 +187,7 @@ def extract_store(
         models, ckpt_info, fingerprint, dim = prepare()
         store = FeatureStore.create(path, fingerprint=fingerprint, dim=dim, checkpoints=ckpt_info)
         _report_damaged(store)
-        run(store, range(len(bounds)))
+        run(store, range(len(plan)))
         return store
 
     error: BaseException | None = None
@@ -198,7 +204,7 @@ def extract_store(
             dim=dim,
             checkpoints=ckpt_info,
         )
-        run(part, ctx.shards(len(bounds)), merged.has_shard if merged else lambda c, s: False)
+        run(part, ctx.shards(len(plan)), merged.has_shard if merged else lambda c, s: False)
     except Exception as e:
         error = e
     if not ctx.all_ok(error is None):

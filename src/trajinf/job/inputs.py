@@ -1,7 +1,9 @@
-"""Inputs of the scoring job: trajectories, tokenizer, tokens, checkpoint list, subtask labels."""
+"""Inputs of the scoring job: trajectories, tokenizer, tokens, checkpoint list, subtask labels,
+update mask."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,9 +14,31 @@ from trajinf.data.schema import Trajectory
 from trajinf.data.tokenize import tokenize_pool
 from trajinf.data.trajectories import field_value, load_pool
 from trajinf.errors import TrajinfError
+from trajinf.job.shards import UpdateMask
 
 if TYPE_CHECKING:
     from trajinf.job.config import ScoreJobConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MASK_THRESHOLD = 1e-5
+
+
+def load_update_mask(config: ScoreJobConfig) -> UpdateMask | None:
+    """The sparse update mask of ``config.update_mask_from`` (None when not asked for): the
+    parameters that moved by more than ``config.extraction.update_mask_threshold`` (default
+    1e-5) between the two checkpoints. Its source goes into the stores' fingerprints."""
+    if config.update_mask_from is None:
+        return None
+    from trajinf.gradients import mask_density, sparse_update_mask
+    from trajinf.models.checkpoints import load_model
+
+    a, b = (str(p) for p in config.update_mask_from)
+    threshold = config.extraction.update_mask_threshold
+    threshold = DEFAULT_MASK_THRESHOLD if threshold is None else float(threshold)
+    mask = sparse_update_mask(load_model(a)[0], load_model(b)[0], threshold=threshold)
+    log.info("update mask from %s -> %s: density %.4f", a, b, mask_density(mask))
+    return UpdateMask(mask, {"from": [a, b], "threshold": threshold})
 
 
 def subtask_labels(trajs: Sequence[Trajectory], name: str) -> list[str]:

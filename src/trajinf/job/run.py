@@ -22,7 +22,13 @@ from trajinf.gradients import ExtractionConfig
 from trajinf.job.append import score_appended
 from trajinf.job.config import ScoreJobConfig, ScoreOutputs
 from trajinf.job.distributed import ProgressFactory, extract_store
-from trajinf.job.inputs import checkpoint_list, load_inputs, subtask_labels, with_meta
+from trajinf.job.inputs import (
+    checkpoint_list,
+    load_inputs,
+    load_update_mask,
+    subtask_labels,
+    with_meta,
+)
 from trajinf.job.kfac import job_kfac_factors
 from trajinf.job.ranks import RankContext
 from trajinf.job.shards import pool_digest, resolve_device
@@ -78,7 +84,7 @@ def extract_job(
     timings["load_tokenize_s"] = time.perf_counter() - t0
     device = ctx.device() if ctx.backend == "nccl" else resolve_device(config.device)
     common = dict(
-        update_mask=_update_mask(config),
+        update_mask=load_update_mask(config),
         lora=config.lora,
         shard_items=config.shard_items,
         progress=progress,
@@ -107,22 +113,6 @@ def extract_job(
         )
         timings[f"extract_{name}_s"] = time.perf_counter() - t0
     return ExtractedJob(stores, pool_trajs, target_trajs, pool_tok, target_tok, ckpts, timings)
-
-
-def _update_mask(config: ScoreJobConfig) -> dict | None:
-    """The sparse update mask of ``config.update_mask_from`` (None when not asked for)."""
-    if config.update_mask_from is None:
-        return None
-    from trajinf.gradients import mask_density, sparse_update_mask
-    from trajinf.models.checkpoints import load_model
-
-    a, b = config.update_mask_from
-    threshold = config.extraction.update_mask_threshold
-    if threshold is None:
-        threshold = config.extraction.update_mask_threshold = 1e-5
-    mask = sparse_update_mask(load_model(a)[0], load_model(b)[0], threshold=threshold)
-    log.info("update mask from %s -> %s: density %.4f", a, b, mask_density(mask))
-    return mask
 
 
 def _target_config(config: ScoreJobConfig) -> ExtractionConfig:
@@ -196,7 +186,7 @@ def score_pool(
             pool_tok,
             pool_store,
             config,
-            update_mask=lambda: _update_mask(config),
+            update_mask=lambda: getattr(load_update_mask(config), "masks", None),
             device=resolve_device(config.device),
         )
         timings["kfac_s"] = time.perf_counter() - t0

@@ -11,7 +11,7 @@ import hashlib
 import json
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,54 +60,104 @@ def items_table(
     return pd.DataFrame(rows)
 
 
+@dataclass(frozen=True)
+class PlannedShard:
+    """One store shard to extract: the items at positions ``[start, stop)`` of the token list
+    handed to :func:`extract_into`, written as shard ``index`` with items table ``rows`` (in
+    item order; its ``item`` values need not equal the positions, e.g. when appending)."""
+
+    index: int
+    start: int
+    stop: int
+    rows: pd.DataFrame
+
+
+def plan_shards(
+    items: pd.DataFrame, n_items: int, shard_items: int, *, first_shard: int = 0
+) -> list[PlannedShard]:
+    """Cut ``n_items`` items (positions 0.. of the token list; ``items["item"]`` counts from
+    its minimum) into shards of ``shard_items``, numbered from ``first_shard``."""
+    first = int(items["item"].min()) if len(items) else 0
+    item = items["item"].to_numpy() - first
+    return [
+        PlannedShard(first_shard + k, a, b, items[(item >= a) & (item < b)])
+        for k, (a, b) in enumerate(shard_bounds(n_items, shard_items))
+    ]
+
+
+@dataclass(frozen=True)
+class UpdateMask:
+    """A sparse update mask (parameter name -> bool tensor, as from
+    :func:`trajinf.gradients.sparse_update_mask`) and where it came from."""
+
+    masks: dict
+    source: dict = field(default_factory=dict)  # e.g. {"from": [a, b], "threshold": t}
+
+    def fingerprint(self) -> dict:
+        """What identifies the mask in a store fingerprint: its source and a sha256 of the
+        mask bits, so features extracted under another mask (or none) are refused."""
+        h = hashlib.sha256()
+        for name in sorted(self.masks):
+            bits = self.masks[name].detach().cpu().numpy().astype(bool)
+            h.update(json.dumps([name, list(bits.shape)]).encode())
+            h.update(np.packbits(bits.reshape(-1)).tobytes())
+        return {**self.source, "sha256": h.hexdigest()}
+
+
 def extract_into(
     store: FeatureStore,
     ckpt: int,
     model,
     tokens: Sequence[TokenizedTrajectory],
-    shard_rows: Sequence[pd.DataFrame],
-    bounds: Sequence[tuple[int, int]],
+    shards: Sequence[PlannedShard],
     config: ExtractionConfig,
     state,
-    shards: Sequence[int],
     progress: Callable[[int], None] | None,
     done_elsewhere: Callable[[int, int], bool] = lambda c, s: False,
     *,
-    update_mask: dict | None = None,
+    update_mask: UpdateMask | dict | None = None,
 ) -> int:
-    """Extract features of ``shards`` not yet in ``store``; returns the number of items done.
+    """Extract features of ``shards`` not yet in ``store`` at checkpoint ``ckpt``; returns the
+    number of items done. The one extraction loop of the job (full runs, ranks and appends).
 
     A shard's features are computed from that shard's items alone, so they do not depend on
     which process computes it or in which order (the distributed byte-identity relies on this).
     """
+    masks = update_mask.masks if isinstance(update_mask, UpdateMask) else update_mask
     done = 0
     for shard in shards:
-        start, stop = bounds[shard]
-        if store.has_shard(ckpt, shard) or done_elsewhere(ckpt, shard):
+        start, stop = shard.start, shard.stop
+        if store.has_shard(ckpt, shard.index) or done_elsewhere(ckpt, shard.index):
             if progress:
                 progress(stop - start)
             continue
-        by_item = {}
+        rows = shard.rows.copy()
+        item_ids = pd.unique(rows["item"])  # the shard's items, in order
+        if len(item_ids) != stop - start:
+            raise TrajinfError(
+                f"internal: shard {shard.index} has {len(item_ids)} items for "
+                f"{stop - start} token sequences"
+            )
+        by_pos = {}
         for f in extract_features(
-            model, tokens[start:stop], config, checkpoint_state=state, update_mask=update_mask
+            model, tokens[start:stop], config, checkpoint_state=state, update_mask=masks
         ):
-            by_item[start + f.index] = f
+            by_pos[f.index] = f
             done += 1
             if progress:
                 progress(1)
-        order = [storable(by_item[i]) for i in range(start, stop)]
+        order = [storable(by_pos[i]) for i in range(stop - start)]
         feats = [r for f in order for r in (f.trajectory[None, :], f.steps)]
-        meta = [{"item": start + f.index, "loss": f.loss, "finite": f.finite} for f in order]
-        rows = shard_rows[shard].copy()
         block = np.concatenate(feats, axis=0) if feats else np.zeros((0, store.dim), np.float32)
         if len(block) != len(rows):
             raise TrajinfError(
-                f"internal: shard {shard} has {len(block)} feature rows for {len(rows)} items"
+                f"internal: shard {shard.index} has {len(block)} feature rows for {len(rows)} items"
             )
-        info = pd.DataFrame(meta).set_index("item")
-        rows["loss"] = rows["item"].map(info["loss"]).astype(float)
-        rows["finite"] = rows["item"].map(info["finite"]).astype(bool)
-        store.write_shard(ckpt, shard, rows, block)
+        loss = {i: f.loss for i, f in zip(item_ids, order, strict=True)}
+        finite = {i: f.finite for i, f in zip(item_ids, order, strict=True)}
+        rows["loss"] = rows["item"].map(loss).astype(float)
+        rows["finite"] = rows["item"].map(finite).astype(bool)
+        store.write_shard(ckpt, shard.index, rows, block)
     return done
 
 

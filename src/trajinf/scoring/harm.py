@@ -102,15 +102,7 @@ def harmful_flags(
             lo, hi = (mid, hi) if _thresholds(s0, m0, mid)[2] <= alpha else (lo, mid)
         q = lo
     ts, tm, fpr = _thresholds(s0, m0, q)
-    tr = result.trajectories
-    s = tr["score"].to_numpy(float)
-    m = tr["min_step_score"].to_numpy(float)
-    with np.errstate(invalid="ignore"):
-        by_score, by_step = s < ts, m < tm
-    reason = np.where(
-        by_score & by_step, "score+step", np.where(by_score, "score", np.where(by_step, "step", ""))
-    )
-    flags = pd.DataFrame({"id": tr["id"], "harmful": by_score | by_step, "reason": reason})
+    flags = flags_at_thresholds(result.trajectories, ts, tm)
     info = {
         "alpha": alpha,
         "level": q,
@@ -121,3 +113,20 @@ def harmful_flags(
         "n_null": int(len(s0)),
     }
     return flags, info
+
+
+def flags_at_thresholds(
+    trajectories: pd.DataFrame, score_threshold: float, step_threshold: float
+) -> pd.DataFrame:
+    """The harmful flag of each row of a score table (id, score, min_step_score) at given
+    thresholds: ``score < score_threshold`` ("score") or ``min_step_score < step_threshold``
+    ("step"); NaN scores are never flagged. Returns a DataFrame id, harmful, reason.
+    :func:`harmful_flags` calibrates the thresholds; appending reuses the stored ones."""
+    s = trajectories["score"].to_numpy(float)
+    m = trajectories["min_step_score"].to_numpy(float)
+    with np.errstate(invalid="ignore"):
+        by_score, by_step = s < score_threshold, m < step_threshold
+    reason = np.where(
+        by_score & by_step, "score+step", np.where(by_score, "score", np.where(by_step, "step", ""))
+    )
+    return pd.DataFrame({"id": trajectories["id"], "harmful": by_score | by_step, "reason": reason})
