@@ -383,3 +383,28 @@ def test_dataset_and_collator_round_trip(
     assert ((batch["labels"] == -100) == (ref.loss_weights == 0)).all()
     with pytest.raises(TrajinfError, match="no 'messages' column"):
         TrajectoryCollator(chatml_tokenizer)([{"input_ids": [1, 2]}])
+
+
+@pytest.mark.parametrize("trainer_cls", [WeightedSFTTrainer, WeightedTrainer])
+def test_evaluation_loss_is_the_weighted_loss(
+    tmp_path, chatml_tokenizer, tool_pool_records, trainer_cls
+):
+    """evaluate() on soft-weighted rows (one batch) reports sum(w * CE) / sum(w)."""
+    from transformers import TrainingArguments
+
+    tok = chatml_tokenizer
+    ds = to_dataset(load_pool(_weighted(tool_pool_records)))
+    model = _model(tok, False)
+    if trainer_cls is WeightedSFTTrainer:
+        args = _args(tmp_path, per_device_eval_batch_size=len(ds))
+    else:
+        args = TrainingArguments(
+            str(tmp_path), use_cpu=True, report_to=[], per_device_eval_batch_size=len(ds)
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trainer_cls(model, args=args, train_dataset=ds, processing_class=tok)
+        got = trainer.evaluate(ds)["eval_loss"]
+    with torch.no_grad():
+        want = float(weighted_loss(model, TrajectoryCollator(tok)([ds[i] for i in range(len(ds))])))
+    assert got == pytest.approx(want, rel=1e-5)

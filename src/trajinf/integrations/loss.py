@@ -60,7 +60,9 @@ class WeightedLossMixin:
         return batches, total
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        total = num_items_in_batch
+        # in training, get_batch_samples gave the step's weight sum; Trainer's evaluation passes
+        # a label count instead, so evaluation normalizes each batch by its own weight sum
+        total = num_items_in_batch if model.training else None
         loss = weighted_loss(model, inputs, total)
         if (
             total is not None
