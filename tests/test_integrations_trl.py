@@ -366,6 +366,7 @@ def test_dataset_and_collator_round_trip(
     from trajinf.train.sft import collate
 
     recs = _weighted(tool_pool_records)
+    recs[2]["messages"][2]["weight"] = 1  # an int weight next to float ones
     path = write_jsonl(tmp_path, recs, "sel.jsonl")
     ds = to_dataset(path)
     assert len(ds) == len(recs) and set(ds.column_names) >= {"messages", "tools", "id"}

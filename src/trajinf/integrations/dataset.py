@@ -25,6 +25,9 @@ COLUMNS = ("id", "messages", "tools", "task_id", "source", "success", "reward")
 
 def _weighted_messages(t: Trajectory, weights: Sequence[float] | None) -> list[dict]:
     msgs = copy.deepcopy(t.messages)
+    for m in msgs:  # weights are floats in the dataset, whatever the file wrote
+        if "weight" in m:
+            m["weight"] = float(m["weight"])
     if weights is None:
         return msgs
     actions = [m for m in msgs if m.get("role") == "assistant"]
