@@ -155,7 +155,14 @@ def test_quick_bench_through_the_cli_writes_results_and_resumes(tmp_path) -> Non
     early = env["summary"]
     assert early["early|inf+allee|0.2"]["n_selected"] > early["early|inf-noee|0.2"]["n_selected"]
     weighted = [c for c in res["cells"] if c["method"] in ("inf+stepw", "inf*expert_aligned")]
-    assert weighted and all(c["n_weighted_zero"] >= 0 for c in weighted)
+    # step weighting acts: some negative-influence steps are zeroed in the exported selection
+    assert weighted and sum(c["n_weighted_zero"] for c in weighted) > 0
+    # The quick slice carries no quality threshold: every method's success is 0 (the tiny agent
+    # never finishes a ToolWorld task) and, measured 2026-11-30, influence's top 20 % held 10 %
+    # target-family trajectories against 43 % in the pool. The thresholds live in
+    # tests/test_quality.py, on a harness where the answer is known.
+    share = env["scenarios"]["mixed"]["variants"]["inf"]["target_share"]
+    assert 0.0 <= share["top"] <= 1.0 and 0.0 < share["pool"] < 1.0
     html = (out / "bench.html").read_text()
     assert "<img" in html and "Linear datamodeling score" in html
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

@@ -69,6 +69,9 @@ def run_env(plan, config, out: Path, *, progress=None, log=print) -> dict:
                 "harmful": harmful_detection(scn.pool, s.scores),
                 "bad_step": bad_step_localization(scn.pool, s.steps),
                 "top_sources": _top_sources(scn.pool, s.scores, config.headline),
+                "target_share": target_share(
+                    scn.pool, s.scores, config.headline, data.demo.target_families
+                ),
             }
     for name, scn in data.scenarios.items():
         scen_res[name]["priors"] = _prior_report(scn, plan, config, env, log=log)
@@ -129,6 +132,16 @@ def _top_sources(pool, scores, budget: float) -> dict:
         )
         out[key] = out.get(key, 0) + 1
     return out
+
+
+def target_share(pool, scores, budget: float, families) -> dict:
+    """Share of target-family trajectories in the top ``budget`` by score, next to their share
+    of the pool (what a random pick gets in expectation): does the ranking find the skill?"""
+    fams = set(families)
+    k = max(1, math.ceil(budget * len(pool)))
+    top = scores.sort_values("score", ascending=False, na_position="last")["id"].head(k)
+    on = {t.id for t in pool if t.meta.get("family") in fams}
+    return {"top": sum(str(i) in on for i in top) / k, "pool": len(on) / max(1, len(pool))}
 
 
 def _prior_report(scn, plan, config, env, *, log=print) -> dict:
