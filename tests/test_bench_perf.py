@@ -44,7 +44,9 @@ def test_perf_quick_writes_json_and_html(tmp_path: Path) -> None:
     assert all(0 < r["raw_eff"] < 2 for r in res["scoring"]["rows"])
     assert [r["rows"] for r in res["rss"]] == [2_000, 10_000]
     assert res["fp16"]["spearman_mean"] > 0.99  # fp16 rounding barely moves ranks
-    assert res["store_bytes"]["less_one_file_fp16_bytes_per_item"] == 8192 * 2 * 4
+    # LESS's bytes are computed from its layout, not measured: the result must say so
+    assert "not measured" in res["store_bytes"]["less_layout"]
+    assert res["store_bytes"]["trajinf_bytes_per_item"] > 0  # measured from the files written
     page = (out / "perf.html").read_text()
     assert page.count("data:image/png;base64,") >= 4 and "GEMM" in page
 
