@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -207,11 +208,70 @@ def test_bad_inputs_raise(tmp_path):
         FeatureStore.open(tmp_path / "s")
 
 
-def test_no_pickle_in_files(tmp_path):
-    st, _ = make(tmp_path, n_shards=1)
-    json.loads((tmp_path / "s" / "manifest.json").read_text())
-    # allow_pickle=False load succeeds, i.e. plain numeric arrays only
-    np.load(st.shard_path(0, 0), allow_pickle=False)
+def pickled_files(root) -> list[str]:
+    """Files under ``root`` that hold (or may hold) pickled data: every file must be JSON,
+    parquet, .npy or .npz and load with pickle refused (``allow_pickle=False`` for every array,
+    no binary parquet value starting with a pickle protocol header); any other kind counts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bad = []
+    for f in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        try:
+            if f.suffix == ".json":
+                json.loads(f.read_text())
+            elif f.suffix == ".npy":
+                np.load(f, allow_pickle=False)
+            elif f.suffix == ".npz":
+                with np.load(f, allow_pickle=False) as z:
+                    for k in z.files:
+                        z[k]  # an object array raises here
+            elif f.suffix == ".parquet":
+                t = pq.read_table(f)
+                for col in t.columns:
+                    if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+                        if any(v is not None and v[:1] == b"\x80" for v in col.to_pylist()):
+                            raise ValueError(f"pickled value in column {col}")
+            else:
+                raise ValueError("not JSON, parquet, .npy or .npz")
+        except Exception as e:  # noqa: BLE001 - any failure to load without pickle counts
+            bad.append(f"{f.relative_to(root)}: {e}")
+    return bad
+
+
+def test_no_pickle_in_files(tmp_path, make_tiny_job):
+    """Every file a scoring job writes (stores with features + rows files, K-FAC factors,
+    tables, JSON) loads with pickle refused; planted pickles are caught."""
+    from trajinf.job.config import build_job_config
+    from trajinf.job.run import score_pool
+
+    d = make_tiny_job(tmp_path, n_tasks=3)
+    cfg = build_job_config(proj_dim=36, scoring_preconditioner="kfac")
+    cfg.device, cfg.shard_items, cfg.null_directions = "cpu", 2, 4
+    out = tmp_path / "job"
+    score_pool(d / "model", d / "pool.jsonl", d / "target.jsonl", out, config=cfg)
+    kinds = {p.suffix for p in out.rglob("*") if p.is_file()}
+    assert {".json", ".parquet", ".npy", ".npz"} <= kinds
+    assert list(out.glob("store/pool/ckpt-0/rows-*.npy")) and list(out.glob("kfac/*.npz"))
+    assert pickled_files(out) == []
+    # the check can fail: a pickled array, a pickled npz member, a raw pickle, a parquet cell
+    import pickle
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    np.save(out / "store" / "pool" / "ckpt-0" / "rows-09999.npy",
+            np.array([{"a": 1}], dtype=object), allow_pickle=True)  # fmt: skip
+    np.savez(out / "kfac" / "ckpt-9.npz", x=np.array([None, 1], dtype=object))
+    (out / "extra.pkl").write_bytes(pickle.dumps({"a": 1}))
+    pq.write_table(pa.table({"v": [pickle.dumps(1)]}), out / "pickled.parquet")
+    bad = pickled_files(out)
+    assert [b.split(":")[0] for b in bad] == [
+        "extra.pkl",
+        "kfac/ckpt-9.npz",
+        "pickled.parquet",
+        "store/pool/ckpt-0/rows-09999.npy",
+    ]
 
 
 def test_huge_and_tiny_rows_keep_float16_relative_precision(tmp_path):
