@@ -121,12 +121,14 @@ def test_score_builds_the_same_config_as_the_library(tmp_path, monkeypatch):
         tmp_path, "--checkpoint", str(tmp_path / "c1"), "--workers", "3", "--metric", "inner",
         "--scoring-preconditioner", "gram", "--no-baselines", "--update-mask-from", "a",
         "--update-mask-from", "b", "--update-mask-threshold", "0.01", "--max-length", "512",
+        "--modules", "*q_proj", "--modules", "*v_proj",
     )  # fmt: skip
     r = CliRunner().invoke(app, args)
     assert isinstance(r.exception, Captured), r.output
     want = build_job_config(
         has_checkpoints=True, workers=3, metric="inner", scoring_preconditioner="gram",
         baselines=False, update_mask_from=("a", "b"), update_mask_threshold=0.01, max_length=512,
+        modules=["*q_proj", "*v_proj"],
     )  # fmt: skip
     assert r.exception.config == want
     assert want.extraction.preconditioner == "factored_adam"  # auto with checkpoints

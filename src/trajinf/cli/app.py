@@ -35,13 +35,18 @@ def _cli_type(opt: JobOption) -> Any:
         if opt.default is not None and opt.default not in values:
             values = (*values, opt.default)
         return Literal[values]  # type: ignore[valid-type]
-    args = [a for a in get_args(opt.type) if a is not type(None)]
-    if get_origin(opt.type) in (Union, types.UnionType) and len(args) == 1:
-        inner = args[0]
-        if get_origin(inner) is tuple:
-            return list[get_args(inner)[0]]
-        return inner | None
-    return opt.type
+    inner = _inner(opt.type)
+    if get_origin(inner) in (list, tuple):
+        return list[get_args(inner)[0]]
+    return opt.type if inner is opt.type else inner | None
+
+
+def _inner(tp: Any) -> Any:
+    """``X`` of ``X | None``; ``tp`` itself otherwise."""
+    args = [a for a in get_args(tp) if a is not type(None)]
+    if get_origin(tp) in (Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return tp
 
 
 def _typer_option(opt: JobOption) -> Any:
@@ -79,12 +84,15 @@ def with_job_options(*, exclude: Iterable[str] = ()) -> Callable:
 
 
 def job_config(options: dict[str, Any], *, has_checkpoints: bool) -> ScoreJobConfig:
-    """The scoring job config of a verb's job options (a repeated option becomes a tuple, an
-    empty one None); a bad value raises a one-line error naming its option."""
+    """The scoring job config of a verb's job options (a repeated option becomes its field's
+    list or tuple, an empty one None); a bad value raises a one-line error naming its
+    option."""
+    table = job_options()
     values = {}
     for name, value in options.items():
         if isinstance(value, list):
-            value = tuple(str(v) for v in value) or None
+            kind = tuple if get_origin(_inner(table[name].type)) is tuple else list
+            value = kind(str(v) for v in value) or None
         values[name] = value
     return build_job_config(has_checkpoints=has_checkpoints, **values)
 

@@ -45,9 +45,8 @@ class ExtractionConfig:
     modules: list[str] | None = field(
         default=None,
         metadata={
-            "help": "fnmatch patterns of tracked module names; default: every Linear/Conv1D "
-            "inside the blocks (only the LoRA A/B linears with peft).",
-            "cli": False,
+            "help": "fnmatch pattern of tracked module names (repeat); default: every "
+            "Linear/Conv1D inside the blocks (only the LoRA A/B linears with peft).",
         },
     )
     preconditioner: ExtractionPreconditioner = field(
