@@ -9,7 +9,7 @@ import typer
 
 from trajinf.cli.app import app, console, job_config, progress_bars, with_job_options
 from trajinf.selection.priors import PRIORS
-from trajinf.selection.priors.combine import COMBINES
+from trajinf.selection.priors.combine import COMBINES, WEIGHT_MODES
 from trajinf.selection.select import METHODS
 
 
@@ -70,7 +70,9 @@ def select(
         None, help="Combine the prior with influence step scores."
     ),
     env: str = typer.Option(None, help="Env for priors that replay trajectories (toolworld, twx)."),
-    weight_mode: str = typer.Option("binary", help="Step weights: binary (0/1) or soft [0, 1]."),
+    weight_mode: Literal[WEIGHT_MODES] = typer.Option(  # type: ignore[valid-type]
+        "binary", help="Step weights: binary (0/1) or soft (rescaled to [0, 1])."
+    ),
     out: Path = typer.Option(..., help="Selected trajectories, written in the input format."),
 ) -> None:
     """Select a subset (and per-step weights) and write it back in the input format.

@@ -17,7 +17,7 @@ import pandas as pd
 
 from trajinf.errors import TrajinfError
 from trajinf.scoring.scores import ScoreResult
-from trajinf.selection.priors.combine import trajectory_prior, weights_from_steps
+from trajinf.selection.priors.combine import WEIGHT_MODES, trajectory_prior, weights_from_steps
 from trajinf.store.feature_store import FeatureStore
 
 METHODS = (
@@ -100,7 +100,7 @@ def select(
         raise TrajinfError(f"select: method '{method}' not in {METHODS}")
     if not 0 < fraction <= 1:
         raise TrajinfError(f"select: fraction must be in (0, 1], got {fraction}")
-    if weight_mode not in ("binary", "soft"):
+    if weight_mode not in WEIGHT_MODES:
         raise TrajinfError(f"select: weight_mode must be binary or soft, got {weight_mode!r}")
     frame = pool_frame(pool)
     n = len(frame)

@@ -15,6 +15,7 @@ from trajinf.errors import TrajinfError
 
 AGGREGATES = ("mean", "sum", "min", "max")
 COMBINES = ("product", "rank")
+WEIGHT_MODES = ("binary", "soft")  # step weights from values: 0/1, or rescaled to [0, 1]
 
 
 def as_steps(frame: pd.DataFrame, what: str = "steps") -> pd.DataFrame:
@@ -105,7 +106,7 @@ def weights_from_steps(
     NaN (undefined) and missing steps keep weight 1. Lists have ``n_steps[id]`` entries when
     given (what ``write_pool`` needs), else max step + 1; ids without any step are left out.
     """
-    if mode not in ("binary", "soft"):
+    if mode not in WEIGHT_MODES:
         raise TrajinfError(f"weights_from_steps: mode must be binary or soft, got {mode!r}")
     s = as_steps(steps)
     v = s["value"].to_numpy(float)
