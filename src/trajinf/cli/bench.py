@@ -28,6 +28,9 @@ def bench(
     ),
     budgets: str = typer.Option("", help="Comma list of budgets (default 0.05,0.1,0.25)."),
     workers: int = typer.Option(None, help="Processes for retraining cells (default: preset)."),
+    rounds: int = typer.Option(
+        None, help="Flood: rollout -> select -> fine-tune rounds per method (default: preset's)."
+    ),
     out: Path = typer.Option(Path("bench-out"), help="Output directory (bench.json, bench.html)."),
 ) -> None:
     """Which trajectories does influence find, and does selecting them win?
@@ -42,10 +45,35 @@ def bench(
     from trajinf.bench.env_bench import BenchConfig
     from trajinf.bench.runner import run_bench
 
+    names = [s.strip() for s in scenarios.split(",") if s.strip()]
+    if "flood" in names:  # the flood has its own rounds driver (bench/rounds.py)
+        _flood(env=env, seeds=seeds, rounds=rounds, quick=quick, out=out / "flood")
+        names.remove("flood")
+        if not names:
+            return
     cfg = BenchConfig.quick() if quick else BenchConfig.full()
     cfg = cfg.with_options(
-        env=env, seeds=seeds, scenarios=scenarios, budgets=budgets, workers=workers
+        env=env, seeds=seeds, scenarios=",".join(names), budgets=budgets, workers=workers
     )
     with progress_bars() as bars:
         res = run_bench(cfg, out, progress=bars, log=console.print)
     console.print(f"bench: {len(res['cells'])} cells -> {out}/bench.json, {out}/bench.html")
+
+
+def _flood(*, env: str, seeds: int | None, rounds: int | None, quick: bool, out: Path) -> None:
+    from dataclasses import replace
+
+    from trajinf.bench.flood import flood_preset
+    from trajinf.bench.rounds import run_flood_bench
+    from trajinf.errors import TrajinfError
+
+    envs = ["builtin"] if quick else (["builtin", "twx"] if env == "all" else [env])
+    configs = [flood_preset(e, quick=quick) for e in envs]
+    if seeds is not None or rounds is not None:
+        if (seeds is not None and seeds < 1) or (rounds is not None and rounds < 1):
+            raise TrajinfError("bench: --seeds and --rounds must be >= 1")
+        configs = [replace(c, seeds=seeds or c.seeds, rounds=rounds or c.rounds) for c in configs]
+    with progress_bars() as bars:
+        res = run_flood_bench(configs, out, progress=bars, log=console.print)
+    n = sum(len(r["rows"]) for r in res["envs"].values())
+    console.print(f"bench flood: {n} rows -> {out}/flood.json, {out}/flood.md, {out}/flood.html")

@@ -1,0 +1,207 @@
+"""The flood: cached agent, selection methods against slow references, rounds through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from trajinf.bench.agents import AgentConfig, cached_agent
+from trajinf.bench.flood import (
+    FLOOD_METHODS,
+    FloodConfig,
+    FloodScores,
+    flood_summary,
+    pass_rates,
+    select_flood,
+)
+from trajinf.bench.rounds import summarize_rounds
+from trajinf.data.schema import Trajectory
+from trajinf.errors import TrajinfError
+
+
+def _traj(task: str, k: int, success: bool, source: str = "self") -> Trajectory:
+    msgs = [
+        {"role": "user", "content": f"goal {task}"},
+        {"role": "assistant", "content": "go" if success else "stay"},
+        {"role": "user", "content": "done" if success else "nothing"},
+    ]
+    return Trajectory(
+        id=f"{task}-{k}", messages=msgs, task_id=task, source=source, success=success,
+        meta={"family": "f"},
+    )  # fmt: skip
+
+
+def _pool() -> list[Trajectory]:
+    # task a: solved 6/8 (easy), b: 1/8 (rare), c: 0/8, d: 8/8
+    out = []
+    for task, wins in (("a", 6), ("b", 1), ("c", 0), ("d", 8)):
+        out += [_traj(task, k, k < wins) for k in range(8)]
+    return out
+
+
+def test_pass_rates_and_summary():
+    pool = _pool() + [_traj("e", 0, True, source="expert")]
+    assert pass_rates(pool) == {"a": 0.75, "b": 0.125, "c": 0.0, "d": 1.0}
+    s = flood_summary(pool)
+    assert s["n"] == 33 and math.isclose(s["self_share"], 32 / 33)
+    assert math.isclose(s["success_rate"], 15 / 32)
+    assert (s["tasks_mixed"], s["tasks_all_fail"], s["tasks_all_success"]) == (2, 1, 1)
+
+
+def test_baseline_selections_against_definitions():
+    pool = _pool()
+    by = {t.id: t for t in pool}
+    ids, _, info = select_flood("rs", pool, budget=0.1, seed=0)
+    assert sorted(ids) == sorted(t.id for t in pool if t.success)
+    ids, _, info = select_flood("rs-budget", pool, budget=0.1, seed=0)
+    assert len(ids) == info["k"] == math.ceil(0.1 * 32) and all(by[i].success for i in ids)
+    ids, _, _ = select_flood("dapo", pool, budget=0.5, seed=0)
+    assert {by[i].task_id for i in ids} <= {"a", "b"}  # all-fail c, all-success d dropped
+    ids, _, _ = select_flood("random", pool, budget=0.25, seed=3)
+    assert len(ids) == 8 and len(set(ids)) == 8
+    assert select_flood("base", pool, budget=0.1, seed=0)[0] == []
+    assert len(select_flood("full", pool, budget=0.1, seed=0)[0]) == 32
+
+
+def test_rare_weighting_prefers_rarely_solved_tasks():
+    """rs-rare draws successes with weight 1 / pass rate: the one success of task b (rate 1/8)
+    weighs 8, a success of d (rate 1) weighs 1: over draws b's is picked far more often."""
+    pool = _pool()
+    hits = {"b": 0, "d": 0}
+    for seed in range(200):
+        ids, _, _ = select_flood("rs-rare", pool, budget=0.1, seed=seed)  # k = 4 of 15
+        hits["b"] += "b-0" in ids
+        hits["d"] += "d-0" in ids
+    # reference: probability that a weight-8 item is in 4 weighted draws is far above 4/15
+    assert hits["b"] > 0.6 * 200 and hits["d"] < 0.4 * 200
+
+
+def _scored(pool, values: dict[str, float]) -> FloodScores:
+    s = pd.DataFrame({"id": [t.id for t in pool], "score": [values[t.id] for t in pool]})
+    st = pd.DataFrame({"id": [t.id for t in pool], "step": 0, "score": s["score"]})
+    return FloodScores({"less": s, "smf": s, "adv": s}, {"less": st, "smf": st, "adv": st}, None, 1)
+
+
+def test_influence_selections_against_sorting():
+    pool = _pool()
+    rng = np.random.default_rng(0)
+    values = {t.id: float(rng.normal()) for t in pool}
+    scored = _scored(pool, values)
+    k = math.ceil(0.25 * len(pool))
+    ids, _, _ = select_flood("inf-adv", pool, budget=0.25, seed=0, scored=scored)
+    assert ids == sorted(values, key=lambda i: -values[i])[:k]
+    ids, _, _ = select_flood("inf-adv|succ", pool, budget=0.25, seed=0, scored=scored)
+    succ = [t.id for t in pool if t.success]
+    assert ids == sorted(succ, key=lambda i: -values[i])[:k]
+    # succ*rare: mean of the score's percentile rank and the (negated) pass rate's, among
+    # the successes; b's only success ranks first on rarity
+    ids, _, _ = select_flood("inf-adv|succ*rare", pool, budget=0.25, seed=0, scored=scored)
+    assert len(ids) == k and all(i in succ for i in ids)
+    s_rank = pd.Series({i: values[i] for i in succ}).rank(pct=True)
+    rates = pass_rates(pool)
+    r_rank = pd.Series({i: -rates[i.split("-")[0]] for i in succ}).rank(pct=True)
+    ref = ((s_rank + r_rank) / 2).sort_values(ascending=False, kind="stable")
+    assert ids == list(ref.index[:k])
+
+
+def test_no_outcome_direction_falls_back_to_random():
+    pool = [_traj("a", k, False) for k in range(8)]
+    s = pd.DataFrame({"id": [t.id for t in pool], "score": np.nan})
+    scored = FloodScores({"adv": s}, {"adv": s.assign(step=0)}, None, 0)
+    ids, _, info = select_flood("inf-adv", pool, budget=0.25, seed=0, scored=scored)
+    assert len(ids) == 2 and "fallback" in info
+
+
+def test_config_rejects_bad_fields():
+    with pytest.raises(TrajinfError, match="unknown method"):
+        FloodConfig(methods=("rs", "nope"))
+    with pytest.raises(TrajinfError, match="'k'"):
+        FloodConfig(k=1)
+    assert set(FloodConfig().methods) <= set(FLOOD_METHODS)
+
+
+def test_summarize_rounds_paired_against_rs():
+    rows = []
+    for seed in range(3):
+        for m, base in (("rs", 0.3), ("inf-adv", 0.4)):
+            rows.append(
+                dict(method=m, seed=seed, round=1, success=base + 0.01 * seed * (m == "rs"),
+                     expansion=base / 2, n_selected=4, selected_success=1.0, cost_epochs=0.5)
+            )  # fmt: skip
+    s = summarize_rounds(rows)["1"]
+    assert math.isclose(s["methods"]["inf-adv"]["success_mean"], 0.4)
+    t = s["paired_vs_rs"]["inf-adv vs rs"]
+    assert math.isclose(t["mean_diff"], 0.1 - 0.01) and t["p_value"] < 0.05
+
+
+def test_agent_cache_builds_once_and_atomically(tmp_path, monkeypatch):
+    cfg = AgentConfig(n_other_tasks=4, n_target_demos=1, epochs=1, n_eval_tasks=4)
+    calls = []
+    import trajinf.bench.agents as agents
+
+    real = agents.build_agent
+
+    def counting(config, out, **kw):
+        calls.append(out)
+        assert not out.name == config.fingerprint()  # built under a temporary name
+        return real(config, out, **kw)
+
+    monkeypatch.setattr(agents, "build_agent", counting)
+    d1, info1 = cached_agent(cfg, root=tmp_path, log=lambda s: None)
+    d2, info2 = cached_agent(cfg, root=tmp_path, log=lambda s: None)
+    assert d1 == d2 == tmp_path / cfg.fingerprint() and len(calls) == 1
+    assert info1 == info2 and 0.0 <= info1["target_success"] <= 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [cfg.fingerprint()]  # no temp left
+    assert (d1 / "config.json").exists() and json.loads((d1 / "agent.json").read_text())
+    assert AgentConfig(epochs=2).fingerprint() != AgentConfig(epochs=3).fingerprint()
+
+
+def test_agent_cache_removes_a_failed_build(tmp_path, monkeypatch):
+    import trajinf.bench.agents as agents
+
+    def boom(config, out, **kw):
+        (out / "partial").write_text("x")
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(agents, "build_agent", boom)
+    with pytest.raises(RuntimeError):
+        cached_agent(AgentConfig(), root=tmp_path, log=lambda s: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_flood_quick_through_cli(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from trajinf.cli.main import app
+
+    monkeypatch.setenv("TRAJINF_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "b"
+    args = ["bench", "--scenarios", "flood", "--rounds", "2", "--quick", "--out", str(out)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "flood" / "flood.json").read_text())["envs"]["builtin"]
+    rows = res["rows"]
+    cfg = res["config"]
+    assert {(r["method"], r["round"]) for r in rows} == {
+        (m, k) for m in cfg["methods"] for k in (1, 2)
+    }
+    for r in rows:
+        assert r["pool"]["self_share"] >= 0.9 and r["pool"]["n"] >= 8 * r["pool"]["tasks"]
+        assert 0.0 <= r["success"] <= 1.0
+    base = [r for r in rows if r["method"] == "base"]
+    assert base[0]["success"] == base[1]["success"]  # no fine-tuning: the agent stays
+    rs1 = next(r for r in rows if r["method"] == "rs" and r["round"] == 1)
+    assert rs1["n_selected"] == round(rs1["pool"]["success_rate"] * rs1["pool"]["n"])
+    assert (out / "flood" / "flood.html").read_text().count("<polyline") == len(cfg["methods"])
+    # resumable: a second run finds every row done and rebuilds nothing
+    before = (out / "flood" / "builtin" / "rounds.jsonl").read_text()
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert (out / "flood" / "builtin" / "rounds.jsonl").read_text() == before
+    assert os.path.isdir(tmp_path / "cache" / "agents")
