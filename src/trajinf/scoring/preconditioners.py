@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-import scipy.linalg
 
 from trajinf.errors import StoreMismatchError, TrajinfError
 from trajinf.gradients.config import EXTRACTION_PRECONDITIONERS
@@ -93,6 +92,8 @@ class Gram(Preconditioner):
 
     def fit(self, c: int, moments: PoolMoments) -> None:
         """Cholesky factor of checkpoint c's damped covariance (consumes ``moments.second``)."""
+        import scipy.linalg  # here: reading a config (the CLI's options) stays light
+
         gram, n = moments.second, moments.n
         if gram is None:
             raise TrajinfError("gram preconditioner: fit needs the pool's second moments")
@@ -119,6 +120,8 @@ class Gram(Preconditioner):
     def apply(self, c: int, vectors: np.ndarray) -> np.ndarray:
         if self._c != c:
             raise TrajinfError(f"gram preconditioner: checkpoint {c} applied before it was fit")
+        import scipy.linalg
+
         u = scipy.linalg.cho_solve(self._factor, vectors.T.astype(np.float64))
         return u.T.astype(np.float32)
 
