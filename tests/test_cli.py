@@ -167,3 +167,14 @@ def test_configs_validate_on_construction():
         ScoreJobConfig(harmful_alpha=1.5)
     with pytest.raises(TrajinfError, match="unknown job option"):
         build_job_config(mettric="inner")
+
+
+def test_cli_options_load_without_torch():
+    """Building every verb's options (the configs' fields) imports no torch: `--help` and
+    option errors stay fast."""
+    import subprocess
+
+    code = "import sys, trajinf.cli.main; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
