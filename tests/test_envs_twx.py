@@ -89,8 +89,28 @@ def test_rollout_trajectories(env, tasks):
         ]
     noisy = rollout(env, tasks, NoisyExpertPolicy(1.0), source="noisy", seed=1)
     assert sum(t.success for t in noisy) < len(tasks)
-    with pytest.raises(TrajinfError, match="no planner"):
-        rollout(env, tasks[:1], PlantedHarmfulPolicy(), source="planted")
+
+
+@needs_java
+def test_planted_demos_take_a_wrong_object_at_the_last_gold_step():
+    """Gold path up to its last step, there another valid action with the same verb; the
+    episode ends with it; labelled success, the truth in meta. Tasks without such an
+    alternative (coin) are played as the expert and not relabelled."""
+    with TwxEnv(GAMES) as plain:
+        tasks = plain.tasks("train", 8, seed=0)
+        trajs = rollout(plain, tasks, PlantedHarmfulPolicy(), source="expert", id_prefix="demo")
+    planted = [t for t in trajs if t.meta.get("planted")]
+    assert {t.meta["family"] for t in planted} == {"mapreader", "arithmetic", "twc"}
+    for traj, task in zip(trajs, tasks, strict=True):
+        acts = [m["content"] for m in traj.messages if m["role"] == "assistant"]
+        gold = task.data["gold"]
+        if not traj.meta.get("planted"):
+            assert task.family == "coin" and acts == gold and traj.success
+            continue
+        assert traj.success and traj.reward == 1.0 and traj.meta["true_success"] is False
+        assert traj.meta["planted_steps"] == [len(gold) - 1] and len(acts) == len(gold)
+        assert acts[:-1] == gold[:-1] and acts[-1] != gold[-1]
+        assert acts[-1].split()[0] == gold[-1].split()[0]  # a wrong object / direction
 
 
 @needs_java

@@ -149,6 +149,8 @@ def test_planted_labelled_success_but_fail_true_rule(env, tasks):
         assert t.meta["planted"] is True and t.meta["true_success"] is False
         assert t.meta["true_reward"] == 0.0 and "doom_step" in t.meta
         assert t.meta["doom_step"] < t.meta["n_steps"] - 1  # the wrong rule bites early
+        # the decision points are recorded, and the task is doomed at or after the first
+        assert t.meta["planted_steps"] and min(t.meta["planted_steps"]) <= t.meta["doom_step"]
         assert _decision_is_wrong(t.meta["family"], t), t.id
     # the same helper says the expert follows the true rule
     assert not any(

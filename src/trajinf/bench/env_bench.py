@@ -99,6 +99,10 @@ QUICK_GRID: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "outcome": (("inf", "inf-adv", "random"), ()),
     "early": (("inf-noee", "inf+allee", "inf+selee"), ()),
 }
+# issue 13 (harm detection and repair): the mixed pool only; keep / drop / repair side by side
+HARM_GRID: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "mixed": (("inf", "inf+drop-harm", "inf+repair", "inf-kfac-cos"), ()),
+}
 
 
 @dataclass
@@ -126,6 +130,7 @@ class EnvPlan:
             **asdict(self.demo_config()),
             "flood_per_task": self.flood_per_task,
             "flood_experts": self.flood_experts,
+            "planted": "gold-path-v1",  # TWX planted demos joined the mixed pool (issue 13)
         }
 
     def n_tasks_drawn(self, env) -> int:
@@ -166,6 +171,19 @@ class BenchConfig:
             ],
             workers=2,
         )
+
+    @classmethod
+    def harm(cls) -> BenchConfig:
+        """Harm detection and repair (issue 13): both environments, the mixed scenario, more
+        planted demos (half the plantable target-family pool tasks) and a larger target (8
+        demos per target family, the flag's calibration set), 3 seeds, budget 10 %."""
+        full = cls.full()
+        plans = []
+        for p in full.plans:
+            demo = {**p.demo, "planted_fraction": 0.5, "n_target_per_family": 8}
+            seeds = 3 if p.env == "twx" else 2  # ToolWorld's tiny agent never succeeds anyway
+            plans.append(replace(p, demo=demo, grid=HARM_GRID, seeds=seeds, lds_models=0))
+        return cls(plans=plans, scenarios=("mixed",), budgets=(0.1,), headline=0.1, workers=2)
 
     @classmethod
     def quick(cls) -> BenchConfig:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from trajinf.bench.harm import read_harm_steps
 from trajinf.errors import TrajinfError
 from trajinf.job.config import build_job_config
 from trajinf.selection.priors import PRIORS
@@ -68,6 +69,10 @@ BENCH_METHODS: dict[str, Method] = {
     "inf-losssplit+stepw": _influence("inf-losssplit+stepw", "inf-losssplit", step_weights=True),
     "inf+zerovar": _influence("inf+zerovar", "inf", zero_variance=True),
     "inf-drop-harmful": _influence("inf-drop-harmful", "inf", drop_harmful=True),
+    # harm score + calibrated flag (issue 13): drop every flagged trajectory, or repair it
+    # (its bad steps weighted 0, dropped only when too much of it is bad)
+    "inf+drop-harm": _influence("inf+drop-harm", "inf", harm="drop"),
+    "inf+repair": _influence("inf+repair", "inf", harm="repair"),
     # step priors (issue 8): alone (rank by the trajectory's mean prior, weights from the prior)
     # and combined with influence (rank by influence, weights from the rank-combined values)
     **{
@@ -125,6 +130,7 @@ class Scored:
     statistics: pd.DataFrame | None
     seconds: float
     timings: dict
+    harm_steps: pd.DataFrame | None = None  # per-step harm table of the job (issue 13)
 
 
 def run_variant(variant: str, scenario, demo, out: Path, *, proj_dim: int, seed: int) -> Scored:
@@ -136,7 +142,7 @@ def run_variant(variant: str, scenario, demo, out: Path, *, proj_dim: int, seed:
     if done.exists():
         meta = json.loads(done.read_text())
         s, st, stats = read_scores(out)
-        return Scored(s, st, stats, meta["seconds"], meta["timings"])
+        return Scored(s, st, stats, meta["seconds"], meta["timings"], read_harm_steps(out))
     mode = _target_mode(variant, scenario)
     cfg = job_config(variant, proj_dim=proj_dim, seed=seed, demo=demo, target_mode=mode)
     t0 = time.perf_counter()
@@ -153,7 +159,7 @@ def run_variant(variant: str, scenario, demo, out: Path, *, proj_dim: int, seed:
     tmp.write_text(json.dumps({"seconds": seconds, "timings": res.timings}, default=str))
     tmp.replace(done)
     s, st, stats = read_scores(out)
-    return Scored(s, st, stats, seconds, res.timings)
+    return Scored(s, st, stats, seconds, res.timings, read_harm_steps(out))
 
 
 def _target_mode(variant: str, scenario) -> str:

@@ -22,6 +22,7 @@ from trajinf.bench.env_bench import (
     read_cells,
     read_jsonl,
 )
+from trajinf.bench.harm import harm_report, harm_selection
 from trajinf.bench.methods import BENCH_METHODS, Scored, run_variant
 from trajinf.bench.metrics import bad_step_localization, lds, summarize_cells
 from trajinf.bench.scenarios import build_bench_data
@@ -72,6 +73,14 @@ def run_env(plan, config, out: Path, *, progress=None, log=print) -> dict:
                 "target_share": target_share(
                     scn.pool, s.scores, config.headline, data.demo.target_families
                 ),
+                "harm": harm_report(
+                    scn.pool,
+                    s.scores,
+                    s.steps,
+                    s.harm_steps,
+                    budget=config.headline,
+                    families=data.demo.target_families,
+                ),  # fmt: skip
             }
     for name, scn in data.scenarios.items():
         scen_res[name]["priors"] = _prior_report(scn, plan, config, env, log=log)
@@ -249,6 +258,8 @@ def _select(method: str, scn, scored, budget: float, seed: int, env=None):
     early = m.options.get("early")
     if early:
         return _select_early(m, early, scn, s, budget, seed)
+    if m.options.get("harm"):  # keep / drop / repair by the calibrated harm flag (issue 13)
+        return harm_selection(scn.pool, s, budget, m.options["harm"])
     # the budget is a fraction of the whole pool, whatever a filter removed first
     fraction = 1.0 if m.full else min(1.0, budget * len(scn.pool) / max(1, len(pool)))
     sel = select(

@@ -1,7 +1,8 @@
 """The benchmark's pools and targets: one base agent per environment, three scenarios over it.
 
-- ``mixed``: expert demos + noisy experts + one-bad-step demos + planted-harmful (planner envs)
-  + the base agent's own rollouts; target = a few expert demos per target family.
+- ``mixed``: expert demos + noisy experts + one-bad-step demos + planted-harmful demos + the base
+  agent's own rollouts (planted: ToolWorld's wrong rule, built with the demo; TextWorld Express's
+  wrong object/direction at the gold path's last step, added here, see ``PlantedHarmfulPolicy``); target = a few expert demos per target family.
 - ``flood``: a small expert set plus >= 90 % the base agent's own rollouts (sampled, several per
   task: the early-experience setting); same target.
 - ``outcome``: the mixed pool, but the target is only success/failure-labelled rollouts of the
@@ -26,7 +27,7 @@ from trajinf.data.schema import Trajectory
 from trajinf.data.trajectories import load_pool
 from trajinf.data.write import write_pool
 from trajinf.envs.model_policy import ModelPolicy
-from trajinf.envs.policies import NoisyExpertPolicy, expert_action
+from trajinf.envs.policies import NoisyExpertPolicy, PlantedHarmfulPolicy, expert_action
 from trajinf.envs.rollout import rollout
 from trajinf.loop.steps import DemoData, build_demo_data, summarize_pool
 from trajinf.models.checkpoints import load_model
@@ -99,7 +100,7 @@ def build_bench_data(env, config, out: Path, *, names=SCENARIOS, progress=None, 
     roll = _roller(env, config)
 
     bad = roll(pool_tasks, OneBadStepPolicy(), "noisy", id_prefix="onebad", seed=config.seed + 7)
-    mixed_pool = demo.pool + bad
+    mixed_pool = demo.pool + bad + _gold_path_planted(env, config, pool_tasks, families, roll)
     # flood: the base agent's own sampled rollouts, several per task, plus a few expert demos
     base, tok = load_model(demo.base_dir)
     agent = ModelPolicy(base, tok, mode="rank", temperature=1.0, seed=config.seed + 11)
@@ -135,6 +136,21 @@ def build_bench_data(env, config, out: Path, *, names=SCENARIOS, progress=None, 
     )
     done.write_text(stamp)
     return _load(env, config, data_dir, names)
+
+
+def _gold_path_planted(env, config, pool_tasks, families, roll) -> list[Trajectory]:
+    """Planted-harmful demos for envs without a planner (build_demo_data plants only with one):
+    ``planted_fraction`` of the plantable target-family pool tasks, disguised as expert demos."""
+    if hasattr(env, "next_action"):
+        return []
+    fam = [t for t in pool_tasks if t.family in families]
+    planted = [
+        t
+        for t in roll(fam, PlantedHarmfulPolicy(), "expert", id_prefix="demo", seed=config.seed + 5)
+        if t.meta.get("planted")
+    ]
+    n = round(config.demo_config().planted_fraction * len(fam))
+    return random.Random(config.seed + 5).sample(planted, min(n, len(planted)))
 
 
 def _roller(env, config):

@@ -22,6 +22,9 @@ def bench(
     env: str = typer.Option("all", help="builtin | twx | all (both environments)."),
     seeds: int = typer.Option(None, help="Training seeds per cell (default: the preset's)."),
     quick: bool = typer.Option(False, help="CI-sized run (a few minutes)."),
+    harm: bool = typer.Option(
+        False, "--harm", help="Harm detection and repair preset (issue 13; mixed scenario only)."
+    ),
     scenarios: str = typer.Option(
         "mixed,flood,outcome,early",
         help="Comma list of scenarios: mixed, flood, outcome, early (early-experience data).",
@@ -46,12 +49,14 @@ def bench(
     from trajinf.bench.runner import run_bench
 
     names = [s.strip() for s in scenarios.split(",") if s.strip()]
+    if harm:
+        names = ["mixed"]
     if "flood" in names:  # the flood has its own rounds driver (bench/rounds.py)
         _flood(env=env, seeds=seeds, rounds=rounds, quick=quick, out=out / "flood")
         names.remove("flood")
         if not names:
             return
-    cfg = BenchConfig.quick() if quick else BenchConfig.full()
+    cfg = BenchConfig.harm() if harm else BenchConfig.quick() if quick else BenchConfig.full()
     cfg = cfg.with_options(
         env=env, seeds=seeds, scenarios=",".join(names), budgets=budgets, workers=workers
     )

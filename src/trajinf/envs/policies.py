@@ -117,17 +117,47 @@ class NoisyExpertPolicy:
 
 
 class PlantedHarmfulPolicy:
-    """Plausible demonstrations that apply the family's WRONG rule at its decision point.
+    """Plausible demonstrations that are wrong at one decision point, labelled successful.
 
-    Everything else is expert behaviour. ``rollout`` labels these trajectories success=True,
-    reward=1.0 and keeps the truth in ``meta["planted"]``, ``meta["true_success"]``,
-    ``meta["true_reward"]`` (for evaluation only). Needs an env with
-    ``next_action(wrong_rule=...)`` (ToolWorld).
+    Planner envs (ToolWorld): the family's WRONG rule at its decision point (``next_action(
+    wrong_rule=True)``), expert everywhere else; the steps where the wrong rule's action differs
+    from the right one are listed in ``meta["planted_steps"]``.
+
+    Gold-path envs (TextWorld Express): the gold path, except that its decisive (last) step takes a
+    wrong object or direction: another valid action with the same verb ("put map in box" for
+    "put coin in box", "move east" for "move south"), drawn from ``ep.rng``; the episode ends
+    right after it, so the demonstration is exactly as long as the gold path. Tasks whose last
+    gold step has no same-verb alternative (e.g. TWX coin) cannot be planted: they are played as
+    the expert and NOT relabelled (``meta["planted"]`` absent).
+
+    ``rollout`` labels planted trajectories success=True, reward=1.0 and keeps the truth in
+    ``meta["planted"]``, ``meta["true_success"]``, ``meta["true_reward"]`` and
+    ``meta["planted_steps"]`` (for evaluation only).
     """
 
     name = "planted"
     relabel_success = True
 
     def act(self, episodes: list[EpisodeState]) -> list[str]:
-        """One wrong-rule expert action per episode."""
-        return [expert_action(ep, wrong_rule=True) for ep in episodes]
+        """One wrong-rule (or wrong decisive-step) expert action per episode."""
+        return [self._act_one(ep) for ep in episodes]
+
+    def _act_one(self, ep: EpisodeState) -> str:
+        next_action = getattr(ep.env, "next_action", None)
+        if callable(next_action):
+            wrong, right = next_action(wrong_rule=True), next_action(wrong_rule=False)
+            if wrong is not None and wrong != right:
+                ep.meta.setdefault("planted_steps", []).append(ep.step)
+            return expert_action(ep, wrong_rule=True)
+        gold = ep.notes.setdefault("gold", list(ep.env.expert(ep.task)))
+        if ep.notes.get("gold_pos", 0) != len(gold) - 1:
+            return expert_action(ep)
+        planned = expert_action(ep)
+        verb = planned.split(" ", 1)[0]
+        others = [a for a in ep.valid_actions or [] if a != planned and a.split(" ", 1)[0] == verb]
+        if not others:
+            ep.notes["not_planted"] = True
+            return planned
+        ep.meta["planted_steps"] = [ep.step]
+        ep.stop = True  # a demonstration as long as the gold path, wrong at its last step
+        return ep.rng.choice(others)

@@ -42,7 +42,8 @@ class EpisodeState:
     their consequences); ``tools`` the OpenAI tool schemas to pass to a chat template (None for
     plain-text envs); ``valid_actions`` the env's current list (None if the env has none).
     ``meta`` is copied into the trajectory's meta (policies note e.g. their noisy steps there);
-    ``notes`` is private policy scratch space (not recorded).
+    ``notes`` is private policy scratch space (not recorded). A policy sets ``stop`` to end the
+    episode right after the action it is returning.
     """
 
     env: TextEnv
@@ -61,6 +62,7 @@ class EpisodeState:
     info: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     notes: dict = field(default_factory=dict)
+    stop: bool = False
 
 
 class Policy(Protocol):
@@ -182,6 +184,7 @@ def _advance(st: EpisodeState, action: str, max_steps: int | None) -> None:
     limit = max_steps or st.task.data.get("max_steps", DEFAULT_MAX_STEPS)
     if not done and st.step >= limit:
         done, st.meta["truncated"] = True, True
+    done = done or st.stop
     if info.get("truncated"):  # the env's own step limit
         st.meta["truncated"] = True
     st.done = bool(done)
@@ -200,7 +203,7 @@ def _to_trajectory(st: EpisodeState, policy: Policy, source: str, prefix: str) -
         **st.meta,
     }
     success, reward = st.success, st.reward
-    if getattr(policy, "relabel_success", False):
+    if getattr(policy, "relabel_success", False) and not st.notes.get("not_planted"):
         meta.update(planted=True, true_success=success, true_reward=reward)
         success, reward = True, 1.0
     return trajectory_from_messages(  # validates: call ids, roles, contents

@@ -20,6 +20,7 @@ from trajinf.data.tokenize import tokenize_pool
 from trajinf.errors import StoreCorruptError, TrajinfError
 from trajinf.gradients import feature_dim
 from trajinf.job.distributed import clean_temp_files
+from trajinf.job.harm import append_harm
 from trajinf.job.inputs import (
     checkpoint_list,
     load_inputs,
@@ -154,6 +155,7 @@ def score_appended(
     flags = flags_at_thresholds(result.trajectories, h["score_threshold"], h["step_threshold"])
     todo = [by_id[i] for i in todo_ids]
     traj = with_meta(result.trajectories.merge(flags, on="id", how="left"), todo)
+    traj = append_harm(traj, PoolSource.from_store(new_view), dirs, config, job, out)
     traj = pd.concat([old_scores, traj], ignore_index=True)
     steps = pd.concat(
         [pd.read_parquet(out / "step_scores.parquet"), result.steps], ignore_index=True

@@ -20,8 +20,10 @@ from trajinf.data.tokenize import TokenizedTrajectory
 from trajinf.errors import TrajinfError
 from trajinf.gradients import ExtractionConfig
 from trajinf.job.append import score_appended
+from trajinf.job.cache import CACHE_DIR
 from trajinf.job.config import ScoreJobConfig, ScoreOutputs
 from trajinf.job.distributed import ProgressFactory, extract_store
+from trajinf.job.harm import job_harm, merge_harm
 from trajinf.job.inputs import (
     checkpoint_list,
     load_inputs,
@@ -32,11 +34,11 @@ from trajinf.job.inputs import (
 from trajinf.job.kfac import job_kfac_factors
 from trajinf.job.ranks import RankContext
 from trajinf.job.shards import pool_digest, resolve_device
+from trajinf.job.statistics import job_statistics
 from trajinf.scoring.harm import harmful_flags, null_scores
 from trajinf.scoring.preconditioners import KfacFactors
 from trajinf.scoring.scores import ScoreResult, score_stores, top_k
 from trajinf.scoring.source import ScoreConfig, nonfinite_ids
-from trajinf.selection.baselines import baseline_statistics
 from trajinf.store.atomic import write_json, write_parquet
 from trajinf.store.feature_store import FeatureStore
 
@@ -79,7 +81,7 @@ def extract_job(
     ckpts = checkpoint_list(Path(model_dir), checkpoints)
     targets = target if target is not None else []
     pool_trajs, target_trajs, pool_tok, target_tok = load_inputs(
-        Path(model_dir), pool, targets, config
+        Path(model_dir), pool, targets, config, cache=out / CACHE_DIR
     )
     timings["load_tokenize_s"] = time.perf_counter() - t0
     device = ctx.device() if ctx.backend == "nccl" else resolve_device(config.device)
@@ -212,25 +214,32 @@ def score_pool(
         kfac=factors,
     )
     flags, harmful_info = harmful_flags(result, null, alpha=config.harmful_alpha)
+    # the calibrated harm flag (issue 13) becomes `harmful`; the null's is kept as harmful_null
+    harm = job_harm(model_dir, ext.target, out, ext.stores, result.directions, ckpts, config,
+                    extract=extract_job, kfac=factors)  # fmt: skip
     timings["score_s"] = time.perf_counter() - t0
 
-    traj = with_meta(result.trajectories.merge(flags, on="id", how="left"), pool_trajs)
+    traj = result.trajectories.merge(flags, on="id", how="left")
+    traj = with_meta(merge_harm(traj, harm), pool_trajs)
     write_parquet(traj, out / "scores.parquet")
     write_parquet(result.steps, out / "step_scores.parquet")
+    if harm is not None:
+        write_parquet(harm.steps, out / "harm_steps.parquet")
     if config.baselines:
         t0 = time.perf_counter()
-        stats = baseline_statistics(
+        job_statistics(
+            out,
             model_dir,
+            ckpts,
             pool_tok,
             ext.target_tokens,
+            pool_trajs,
             pool_store,
             target_store,
-            pool_trajs,
-            trust_remote_code=config.trust_remote_code,
+            config,
         )
-        write_parquet(stats, out / "statistics.parquet")
         timings["baselines_s"] = time.perf_counter() - t0
-    job = {**job, "harmful": harmful_info, "timings": timings}
+    job = {**job, "harmful": harmful_info, "harm": harm and harm.info, "timings": timings}
     write_json(job, out / "job.json")
     return ScoreOutputs(out, traj, result.steps, harmful_info, timings)
 

@@ -3,6 +3,7 @@ back in its input format with per-step weights."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from trajinf.data.trajectories import load_pool
 from trajinf.data.write import write_pool
 from trajinf.errors import TrajinfError
 from trajinf.selection.select import Selection, select
+from trajinf.store.atomic import atomic_write
 
 
 def read_scores(scores_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
@@ -43,8 +45,16 @@ def select_to_file(
     combine: str | None = None,
     env: str | None = None,
     weight_mode: str = "binary",
+    repair: bool = False,
 ) -> Selection:
     """Select from a scored pool and write the selection (with step weights) as JSONL.
+
+    ``repair`` (influence only): every trajectory is kept, repaired or dropped by the scoring
+    job's calibrated harm flag and its bad steps (``harm_steps.parquet``;
+    :mod:`trajinf.selection.repair`); repaired trajectories are written with weight 0 on their
+    bad steps. The choice of every pool trajectory is written next to ``out`` as
+    ``{stem}.repair.jsonl`` (id, choice, n_steps, bad_steps, reason) and counted in
+    ``sel.info["harm"]``.
 
     ``drop_zero_variance`` first removes rollout groups (same task_id) whose outcomes are all
     equal; ``dedup`` (a cosine threshold) then keeps one trajectory per near-duplicate cluster
@@ -73,6 +83,9 @@ def select_to_file(
         raise TrajinfError("--combine needs --prior NAME (the prior to combine influence with)")
     elif method == "prior":
         raise TrajinfError("--method prior needs --prior NAME")
+    if repair:
+        return _select_repaired(scores_dir, trajs, kept, scores, steps, out, fraction, filters,
+                                method=method, exclusive=(step_weights, prior, drop_harmful))  # fmt: skip
     sel = select(
         method,
         kept,
@@ -91,6 +104,36 @@ def select_to_file(
         sel.info["prior"] = {"name": prior, "combine": combine, "env": env}
     by_id = {t.id: t for t in trajs}
     write_pool([by_id[i] for i in sel.ids], out, step_weights=sel.step_weights)
+    return sel
+
+
+def _select_repaired(scores_dir, trajs, kept, scores, steps, out, fraction, filters, *, method,
+                     exclusive) -> Selection:  # fmt: skip
+    """select_to_file(repair=True): the influence top k after keep / repair / drop."""
+    from trajinf.selection.repair import repair_plan, select_repaired
+
+    if method != "influence" or any(exclusive):
+        raise TrajinfError(
+            "--repair ranks by influence and sets its own step weights: it cannot be combined "
+            "with --method other than influence, --step-weights, --prior or --drop-harmful"
+        )
+    path = Path(scores_dir) / "harm_steps.parquet"
+    if not path.exists() or "harm" not in scores.columns:
+        raise TrajinfError(
+            f"{scores_dir}: no harm scores (harm_steps.parquet); rescore with this version of "
+            "`trajinf score` (the target must hold >= 2 successful trajectories)"
+        )
+    plan = repair_plan(scores[["id", "harmful"]], pd.read_parquet(path))
+    n_steps = {t.id: len(t.steps()) for t in trajs}
+    sel = select_repaired(kept, fraction=min(1.0, fraction * len(trajs) / max(1, len(kept))),
+                          scores=scores, step_scores=steps, plan=plan, n_steps=n_steps)  # fmt: skip
+    sel.info["filters"] = filters
+    out = Path(out)
+    by_id = {t.id: t for t in trajs}
+    write_pool([by_id[i] for i in sel.ids], out, step_weights=sel.step_weights)
+    rows = plan.assign(bad_steps=plan["bad_steps"].map(list))
+    lines = "".join(json.dumps(r) + "\n" for r in rows.to_dict("records"))
+    atomic_write(out.with_name(f"{out.stem}.repair.jsonl"), lambda f: f.write(lines.encode()))
     return sel
 
 

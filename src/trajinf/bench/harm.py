@@ -1,0 +1,130 @@
+"""Benchmark rows for harm that looks like help (issue 13), measured without retraining:
+planted-harmful vs helpful AUROC of the harm score, the calibrated flag's false-positive rate on
+known-good demos and its recall on planted ones (with exact and Wilson intervals), the
+planted share of the 10 % selections kept / dropped / repaired, and one-bad-step localization
+by the harm score's worst step."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from trajinf.data.schema import Trajectory
+from trajinf.envs.evaluate import auroc
+from trajinf.scoring.calibration import flag_rate
+from trajinf.selection.repair import repair_plan, select_repaired
+
+
+def is_planted(t: Trajectory) -> bool:
+    return bool(t.meta.get("planted"))
+
+
+def is_known_good(t: Trajectory) -> bool:
+    """An expert demo that is what it says (not planted): the flag should not fire on it."""
+    return t.source == "expert" and not is_planted(t)
+
+
+def read_harm_steps(scores_dir: Path) -> pd.DataFrame | None:
+    p = Path(scores_dir) / "harm_steps.parquet"
+    return pd.read_parquet(p) if p.exists() else None
+
+
+def harm_report(
+    pool: Sequence[Trajectory],
+    scores: pd.DataFrame,
+    steps: pd.DataFrame,
+    harm_steps: pd.DataFrame | None,
+    *,
+    budget: float = 0.1,
+    families: Sequence[str] = (),
+) -> dict:
+    """Harm rows of one scored pool (see module docstring). ``scores`` needs the job's harm
+    columns (harm, harmful, worst_step); ``harm_steps`` its per-step table (id, step, drop,
+    bad); ``families``: the target families (FPR is also reported on their known-good demos)."""
+    if "harm" not in scores.columns or harm_steps is None:
+        return {"available": False}
+    by_id = scores.set_index(scores["id"].astype(str))
+    ids = [t.id for t in pool]
+    planted = np.array([is_planted(t) for t in pool])
+    good = np.array([is_known_good(t) for t in pool])
+    on_target = np.array([t.meta.get("family") in set(families) for t in pool])
+    harm = by_id.loc[ids, "harm"].to_numpy(float)
+    flag = by_id.loc[ids, "harmful"].fillna(False).to_numpy(bool)
+    both = planted | good
+    out: dict = {
+        "available": True,
+        "n_planted": int(planted.sum()),
+        "n_known_good": int(good.sum()),
+        "fpr_known_good": flag_rate(flag[good]),
+        "fpr_known_good_target_families": flag_rate(flag[good & on_target]),
+        "recall_planted": flag_rate(flag[planted]),
+        "n_flagged": int(flag.sum()),
+    }
+    if planted.any() and good.any():
+        out["auroc_planted_vs_good"] = auroc(harm[both], planted[both])
+        out["auroc_planted_vs_pool"] = auroc(harm, planted)
+        for col, key in (("score", "auroc_low_score_vs_good"),
+                         ("min_step_score", "auroc_min_step_vs_good")):  # fmt: skip
+            if col in by_id:
+                out[key] = auroc(-by_id.loc[ids, col].to_numpy(float)[both], planted[both])
+    out["localization"] = _localization(pool, harm_steps)
+    plan = repair_plan(by_id.loc[ids, ["harmful"]].reset_index(names="id"), harm_steps)
+    out["choices"] = {c: int((plan["choice"] == c).sum()) for c in ("kept", "repaired", "dropped")}
+    out["choices_planted"] = {
+        c: int(((plan["choice"] == c).to_numpy() & planted).sum())
+        for c in ("kept", "repaired", "dropped")
+    }
+    k = max(1, math.ceil(budget * len(pool)))
+    shares = {"base_rate": float(planted.mean()), "budget": k}
+    for mode in ("keep", "drop", "repair"):
+        sel = select_repaired(pool, fraction=budget, scores=scores, step_scores=steps, plan=plan,
+                              mode=mode)  # fmt: skip
+        chosen = set(sel.ids)
+        shares[mode] = float(np.mean([i in chosen for i, p in zip(ids, planted, strict=True) if p])
+                             * planted.sum() / max(1, len(sel.ids)))  # fmt: skip
+    out["planted_share_top"] = shares
+    return out
+
+
+def _localization(pool: Sequence[Trajectory], harm_steps: pd.DataFrame) -> dict:
+    """Top-1 of the harm score's worst step (largest drop) at the known bad step: one-bad-step
+    demos (``meta["bad_step"]``) and planted ones (``meta["planted_steps"]``), with chance."""
+    by_id = {i: g for i, g in harm_steps.groupby(harm_steps["id"].astype(str))}
+    res: dict = {}
+    for key, bad_of in (
+        ("one_bad_step", lambda t: {int(t.meta["bad_step"])} if "bad_step" in t.meta else None),
+        ("planted", lambda t: set(t.meta.get("planted_steps") or []) or None),
+    ):
+        hits, chance = [], []
+        for t in pool:
+            bad, g = bad_of(t), by_id.get(t.id)
+            if not bad or g is None:
+                continue
+            d = g["drop"].to_numpy(float)
+            if not np.isfinite(d).any():
+                continue
+            hits.append(int(g["step"].to_numpy()[int(np.nanargmax(d))]) in bad)
+            chance.append(len(bad & set(g["step"].astype(int))) / len(g))
+        res[key] = {
+            "n": len(hits),
+            "top1": float(np.mean(hits)) if hits else None,
+            "chance": float(np.mean(chance)) if chance else None,
+        }
+    return res
+
+
+def harm_selection(pool: Sequence[Trajectory], scored, budget: float, mode: str):
+    """The bench's keep / drop / repair selection of a scored variant (``scored``: bench
+    ``Scored`` with the job's harm columns and ``harm_steps``), at ``budget`` of the pool."""
+    from trajinf.errors import TrajinfError
+
+    if scored.harm_steps is None or "harm" not in scored.scores.columns:
+        raise TrajinfError("bench: harm selection needs the job's harm scores (harm_steps)")
+    plan = repair_plan(scored.scores[["id", "harmful"]], scored.harm_steps)
+    n_steps = {t.id: len(t.steps()) for t in pool}
+    return select_repaired(pool, fraction=budget, scores=scored.scores,
+                           step_scores=scored.steps, plan=plan, mode=mode, n_steps=n_steps)  # fmt: skip

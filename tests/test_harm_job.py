@@ -1,0 +1,114 @@
+"""The scoring job's harm score, calibrated flag and repair selection end to end (issue 13)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from trajinf.data.write import write_pool
+from trajinf.envs import make_env
+from trajinf.envs.policies import ExpertPolicy, NoisyExpertPolicy, PlantedHarmfulPolicy
+from trajinf.envs.rollout import rollout
+from trajinf.errors import TrajinfError
+from trajinf.job.config import build_job_config
+from trajinf.job.run import score_pool
+from trajinf.models.tiny import tiny_model, tokenizer_corpus, train_tokenizer
+from trajinf.selection.export import select_to_file
+from trajinf.store.feature_store import FeatureStore
+from trajinf.train.sft import DEMO_TRAIN, train_sft
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    d = tmp_path_factory.mktemp("harmjob")
+    env = make_env("builtin")
+    tasks = env.tasks("train", 14, 1)
+    roll = lambda ts, pol, src, **kw: rollout(env, ts, pol, source=src, with_tools=False, **kw)  # noqa: E731
+    target = roll(tasks[:6], ExpertPolicy(), "target")
+    pool = (
+        roll(tasks[6:], ExpertPolicy(), "expert")
+        + roll(tasks[6:], NoisyExpertPolicy(0.5), "noisy")
+        + roll(tasks[6:10], PlantedHarmfulPolicy(), "expert", id_prefix="p")
+    )
+    extra = roll(tasks[10:], NoisyExpertPolicy(0.5), "noisy", id_prefix="late", seed=3)
+    write_pool(pool, d / "pool.jsonl")
+    write_pool(pool + extra, d / "pool_more.jsonl")
+    write_pool(target, d / "target.jsonl")
+    tok = train_tokenizer(tokenizer_corpus(pool + target + extra), vocab_size=400)
+    model = tiny_model(tok, hidden=32, layers=1, heads=2, seed=0)
+    res = train_sft(model, tok, pool[:10], replace(DEMO_TRAIN, epochs=2, seed=0),
+                    checkpoint_dir=d / "warm", n_checkpoints=2)  # fmt: skip
+    ckpts = [c["path"] for c in res.checkpoints]
+    cfg = build_job_config(proj_dim=128, has_checkpoints=True, subtask_field="family")
+    out = score_pool(ckpts[-1], d / "pool.jsonl", d / "target.jsonl", d / "scores",
+                     checkpoints=ckpts, config=cfg)  # fmt: skip
+    return d, out, pool, extra, ckpts, cfg
+
+
+def test_job_writes_harm_columns_steps_and_a_pool_space_calibration_store(job):
+    d, _, pool, _, _, _ = job
+    scores = pd.read_parquet(d / "scores" / "scores.parquet")
+    info = json.loads((d / "scores" / "job.json").read_text())["harm"]
+    assert {"harm", "harm_p", "worst_step", "n_bad_steps", "harmful", "harmful_null"} <= set(
+        scores.columns
+    )
+    assert info["signal"] == "surprise" and info["n_calibration"] == 6
+    np.testing.assert_array_equal(scores["harmful"], scores["harm"] > info["threshold"])
+    # factored Adam: the target was extracted again with the pool's preconditioner
+    calib = FeatureStore.open(d / "scores" / "calib" / "store" / "pool")
+    assert calib.manifest["extraction"]["preconditioner"] == "factored_adam"
+    assert sorted(calib.items.query("step == -1")["id"]) == sorted(
+        FeatureStore.open(d / "scores" / "store" / "target").items.query("step == -1")["id"]
+    )
+    # reference: value = minus the lr-weighted mean log step norm; drop = median(others) - value
+    steps = pd.read_parquet(d / "scores" / "harm_steps.parquet")
+    store = FeatureStore.open(d / "scores" / "store" / "pool")
+    it = store.items.query("step >= 0")
+    lr = np.asarray(store.learning_rates)
+    logn = np.stack([np.log(np.linalg.norm(store.features(c, it["row"].to_numpy()), axis=1))
+                     for c in range(store.n_checkpoints)])  # fmt: skip
+    ref = pd.DataFrame({"id": it["id"], "step": it["step"], "v": -(lr @ logn) / lr.sum()})
+    m = steps.merge(ref, on=["id", "step"])
+    assert len(m) == len(steps) == sum(len(t.steps()) for t in pool)
+    np.testing.assert_allclose(m["value"], m["v"], rtol=1e-5, atol=1e-6)
+    for i, g in m.groupby("id"):
+        v = g["v"].to_numpy()
+        for j in range(len(v)):
+            want = -v[j] if len(v) == 1 else np.median(np.delete(v, j)) - v[j]
+            assert g["drop"].iloc[j] == pytest.approx(want, abs=1e-5)
+        assert scores.set_index("id").loc[i, "harm"] == pytest.approx(g["drop"].max(), abs=1e-6)
+
+
+def test_select_repair_writes_weights_and_choices(job, tmp_path):
+    d, _, pool, _, _, _ = job
+    out = tmp_path / "sel.jsonl"
+    sel = select_to_file(d / "scores", d / "pool.jsonl", out, fraction=0.5, repair=True)
+    plan = pd.read_json(out.with_name("sel.repair.jsonl"), lines=True).set_index("id")
+    assert len(plan) == len(pool) and set(plan["choice"]) <= {"kept", "repaired", "dropped"}
+    assert not set(sel.ids) & set(plan.index[plan["choice"] == "dropped"])
+    rows = {json.loads(x)["id"]: json.loads(x) for x in out.read_text().splitlines()}
+    assert list(rows) == sel.ids
+    for i in sel.ids:
+        w = [m.get("weight", 1.0) for m in rows[i]["messages"] if m["role"] == "assistant"]
+        bad = plan.loc[i, "bad_steps"] if plan.loc[i, "choice"] == "repaired" else []
+        assert [k for k, x in enumerate(w) if x == 0.0] == sorted(bad)
+    with pytest.raises(TrajinfError, match="--repair"):
+        select_to_file(d / "scores", d / "pool.jsonl", out, fraction=0.5, repair=True,
+                       step_weights=True)  # fmt: skip
+
+
+def test_append_flags_new_rows_at_the_stored_calibration(job):
+    d, _, pool, extra, ckpts, cfg = job
+    before = json.loads((d / "scores" / "job.json").read_text())["harm"]
+    score_pool(ckpts[-1], d / "pool_more.jsonl", d / "target.jsonl", d / "scores",
+               checkpoints=ckpts, config=cfg, append=True)  # fmt: skip
+    scores = pd.read_parquet(d / "scores" / "scores.parquet").set_index("id")
+    new = scores.loc[[t.id for t in extra]]
+    assert new["harm"].notna().all()
+    np.testing.assert_array_equal(new["harmful"], new["harm"] > before["threshold"])
+    steps = pd.read_parquet(d / "scores" / "harm_steps.parquet")
+    assert set(steps["id"]) == {t.id for t in pool + extra}
