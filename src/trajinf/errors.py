@@ -1,4 +1,5 @@
-"""Errors a user can cause. Each carries a one-line message that names what to fix."""
+"""Errors a user can cause. Each carries a one-line message that names what to fix; and the
+one check every config dataclass runs on its fields (:func:`check_fields`)."""
 
 from __future__ import annotations
 
