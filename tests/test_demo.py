@@ -8,10 +8,22 @@ import subprocess
 import sys
 
 import pytest
+from test_report import _parse, assert_no_json_pre
+
+from trajinf.report import demo_sentence
+
+# The bound is 3 minutes on 2 idle cores. A shared CI runner can be several times
+# slower, so the test fails only past this many seconds (TRAJINF_DEMO_QUICK_MAX_S overrides);
+# the measured runtime is in results.json and the README.
+MAX_S = float(os.environ.get("TRAJINF_DEMO_QUICK_MAX_S", 900))
 
 
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path):
+    from trajinf.envs.twx import java_available
+
+    if not java_available():
+        pytest.skip("trajinf demo --quick runs TextWorld Express, which needs Java")
     out = tmp_path / "demo"
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     proc = subprocess.run(
@@ -19,12 +31,14 @@ def test_demo_quick_end_to_end(tmp_path):
         capture_output=True,
         text=True,
         env=env,
-        timeout=900,
+        timeout=2 * MAX_S,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     methods = res["methods"]
-    assert {"influence", "random", "full", "success", "rds"} <= set(methods)
+    assert {"influence", "random", "task-random", "task-success", "full", "success", "rds"} <= set(
+        methods
+    )
     for r in methods.values():
         assert len(r["per_seed"]) == res["seeds"] == 2
         assert all(0.0 <= x <= 1.0 for x in r["per_seed"])
@@ -32,10 +46,20 @@ def test_demo_quick_end_to_end(tmp_path):
         assert 0.0 <= r["step_agreement_mean"] <= 1.0
     n_pool = sum(v["n"] for v in res["pool"].values())
     assert methods["full"]["n_selected"] == n_pool
-    assert methods["random"]["n_selected"] == methods["influence"]["n_selected"] < n_pool
-    assert res["harmful_detection"]["n_planted"] > 0
-    assert "auroc_low_score" in res["harmful_detection"]
-    assert res["runtime_s"]["total_s"] > 0
-    html = (out / "report.html").read_text()
-    assert html.count("<img") >= 4
-    assert "influence" in proc.stdout  # the final table is printed
+    k = methods["influence"]["n_selected"]
+    assert methods["random"]["n_selected"] == methods["task-random"]["n_selected"] == k < n_pool
+    # the claim: influence ahead of random and of the full pool on every seed
+    for base in ("random", "full"):
+        pairs = zip(methods["influence"]["per_seed"], methods[base]["per_seed"], strict=True)
+        assert all(i > b for i, b in pairs), (base, methods["influence"], methods[base])
+    # the task-matched baselines are measured beside it (not asserted: reported as measured)
+    assert res["paired_tests"]["influence vs task-success"]["n"] == 2
+    assert res["runtime_s"]["total_s"] < MAX_S, res["runtime_s"]
+    # the report: no raw JSON, opens with the computed sentence; the terminal ends with it
+    page = _parse(out / "report.html")
+    assert_no_json_pre(page)
+    sentence = demo_sentence(res)
+    assert page.paragraphs[0] == sentence
+    assert (out / "report.html").read_text().count("<img") >= 4
+    assert proc.stdout.split()[-len(sentence.split()) :] == sentence.split()
+    assert "task-success" in proc.stdout  # the table is printed

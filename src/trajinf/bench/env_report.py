@@ -7,7 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
-from trajinf.report import figure_html, page, plt, write_html  # report selects Agg
+from trajinf.report import (  # report selects Agg
+    Raw,
+    figure_html,
+    html_table,
+    page,
+    plt,
+    result_sentence,
+    write_html,
+)
 
 
 def _fmt(x, nd: int = 3) -> str:
@@ -21,6 +29,49 @@ def _p(test) -> str:
         return "–"
     p = test.get("p_value")
     return f"{test['mean_diff']:+.3f} (p={_fmt(p)})"
+
+
+def _counts(d) -> str:
+    """``{"expert": 12, "noisy": 3}`` as "expert 12, noisy 3"."""
+    if not isinstance(d, dict):
+        return str(d)
+    return ", ".join(f"{k} {v}" for k, v in d.items())
+
+
+def pool_table(summary: dict) -> str:
+    """A scenario's pool composition (``summarize_pool``'s dict) as a table; scalar entries
+    (e.g. the target's success rate) become rows of their own."""
+    rows, extra = [], []
+    for src, d in summary.items():
+        if isinstance(d, dict) and "n" in d:
+            ok = d.get("labelled_success", 0)
+            rows.append([src, d["n"], ok, ok / max(1, d["n"])])
+        else:
+            extra.append([src, d if isinstance(d, int | float) else _counts(d)])
+    n = sum(r[1] for r in rows)
+    ok = sum(r[2] for r in rows)
+    rows.append([Raw("<b>all</b>"), n, ok, ok / max(1, n)])
+    out = html_table(("source", "trajectories", "labelled success", "success rate"), rows)
+    if extra:
+        out += html_table(("pool property", "value"), extra)
+    return out
+
+
+def scenario_sentences(results: dict) -> list[str]:
+    """One sentence per environment and scenario (at the headline budget): which method
+    won, by how much, with what p-value (``report.result_sentence``)."""
+    head = results["config"].get("headline", 0.1)
+    out = []
+    for env, r in results["envs"].items():
+        for scn in r["scenarios"]:
+            per_seed = {
+                e["method"]: e["success_per_seed"]
+                for e in r["summary"].values()
+                if e["scenario"] == scn and (e["budget"] == head or e["method"] == "full")
+            }
+            if per_seed:
+                out.append(f"{env} / {scn}: {result_sentence(per_seed, subject='inf')}")
+    return out
 
 
 def summary_table(summary: dict) -> str:
@@ -60,7 +111,7 @@ def variants_table(scenarios: dict) -> str:
                 f"<td>{_fmt(h.get('auroc_low_score'))} / {_fmt(h.get('auroc_min_step'))}</td>"
                 f"<td>{_fmt(b.get('auroc_pooled'))} / {_fmt(b.get('auroc_within_mean'))}</td>"
                 f"<td>{_fmt(b.get('one_bad_step_top1'))} ({_fmt(b.get('one_bad_step_top1_chance'))})</td>"
-                f"<td>{html.escape(str(d['top_sources']))}</td></tr>"
+                f"<td>{html.escape(_counts(d['top_sources']))}</td></tr>"
             )
     return f"<table>{head}{''.join(rows)}</table>"
 
@@ -120,7 +171,10 @@ def headline_plot(summary: dict, scenario: str, budget: float, title: str):
     )
     for i, e in enumerate(rows):
         ax.plot([i] * len(e["success_per_seed"]), e["success_per_seed"], "k.", ms=4)
+    ax.plot([], [], "k.", ms=4, label="one seed")
+    ax.legend(fontsize=7)
     ax.set_xticks(x, [e["method"] for e in rows], rotation=60, ha="right", fontsize=8)
+    ax.set_xlabel("selection method")
     ax.set_ylabel("held-out success")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
@@ -138,7 +192,7 @@ def budget_plot(summary: dict, scenario: str, title: str):
         return None
     fig, ax = plt.subplots(figsize=(4.5, 3))
     for m, v in by.items():
-        ax.errorbar(
+        line = ax.errorbar(
             [e["budget"] for e in v],
             [e["success_mean"] for e in v],
             yerr=[e["success_std"] for e in v],
@@ -146,6 +200,9 @@ def budget_plot(summary: dict, scenario: str, title: str):
             capsize=3,
             label=m,
         )
+        for e in v:  # seeds as dots, in the line's colour
+            seeds = e["success_per_seed"]
+            ax.plot([e["budget"]] * len(seeds), seeds, ".", ms=4, color=line[0].get_color())
     ax.set_xlabel("budget (fraction of pool)")
     ax.set_ylabel("held-out success")
     ax.set_title(title, fontsize=9)
@@ -156,9 +213,14 @@ def budget_plot(summary: dict, scenario: str, title: str):
 
 def write_bench_report(results: dict, path: str | Path) -> None:
     """Write the benchmark page from ``bench.json``'s dict."""
+    sentences = scenario_sentences(results)
     body = [
+        "<p class='lead'>" + "<br>".join(html.escape(s) for s in sentences) + "</p>"
+        if sentences
+        else "<p class='lead'>No retrained cells yet: nothing to compare.</p>",
         "<p>Every method retrains the same base agent for the same optimizer steps on its "
-        "selection; success is measured on held-out target tasks. Numbers are as measured.</p>"
+        "selection; success is measured on held-out target tasks at the headline budget "
+        f"{results['config'].get('headline', 0.1):g}. Numbers are as measured.</p>",
     ]
     head = results["config"].get("headline", 0.1)
     for env, r in results["envs"].items():
@@ -170,7 +232,7 @@ def write_bench_report(results: dict, path: str | Path) -> None:
             f"{r['epoch_seconds']:.1f} s; runtime {r['runtime_s']:.0f} s</p>"
         )
         for scn in r["scenarios"]:
-            body.append(f"<h3>{scn}: pool {r['scenarios'][scn]['pool']}</h3>")
+            body.append(f"<h3>{scn}</h3>" + pool_table(r["scenarios"][scn]["pool"]))
             for fig in (
                 headline_plot(r["summary"], scn, head, f"{env} / {scn} / budget {head:g}"),
                 budget_plot(r["summary"], scn, f"{env} / {scn}: success vs budget"),
@@ -228,7 +290,7 @@ def markdown_tables(results: dict) -> str:
                     f"{_fmt(h.get('auroc_low_score'))} / {_fmt(h.get('auroc_min_step'))} | "
                     f"{_fmt(b.get('auroc_pooled'))} / {_fmt(b.get('auroc_within_mean'))} | "
                     f"{_fmt(b.get('one_bad_step_top1'))} ({_fmt(b.get('one_bad_step_top1_chance'))})"
-                    f" | {x['top_sources']} |"
+                    f" | {_counts(x['top_sources'])} |"
                 )
         lds_res = r.get("lds")
         if lds_res:

@@ -24,15 +24,20 @@ from trajinf.envs import make_env
 from trajinf.loop.steps import (
     DemoData,
     build_demo_data,
-    evaluate_model,
-    finetune,
     harmful_detection,
     paired_tests,
+    run_cells,
+    select_for_method,
 )
-from trajinf.selection.select import select
 from trajinf.store.atomic import write_json
 
-METHODS = ("influence", "influence-drop-harmful", "random", "full", "success", "rds")
+METHODS = (
+    "influence", "influence-drop-harmful", "random", "task-random", "success", "task-success",
+    "full", "rds",
+)  # fmt: skip
+
+# the paired tests compare every method with these (when run)
+BASELINES = ("random", "task-random", "task-success", "full")
 
 
 @dataclass
@@ -58,6 +63,7 @@ class DemoConfig:
     with_tools: bool = False  # tool schemas in the prompt double the tokens; calls stay
     methods: tuple[str, ...] = METHODS
     threads: int = 1  # tiny models are op-overhead bound: 1 thread is as fast, and robust to load
+    workers: int = 1  # processes for the (method, seed) fine-tune + evaluate cells
     seed: int = 0
     model: dict = field(default_factory=dict)  # overrides of the tiny model config
 
@@ -77,16 +83,20 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, **kw) -> DemoConfig:
-        """CI-sized preset on the built-in environment (a few minutes on 2 cores)."""
+        """The first-ten-minutes preset: a small TextWorld Express slice, 2 seeds, the fine-tune
+        cells on 2 processes (about 3 minutes on 2 idle cores). No planted-harmful demos (TWX
+        has no re-planning expert), so ``influence-drop-harmful`` is left out: it would equal
+        ``influence``."""
         base = dict(
-            env="builtin",
+            env="twx",
             seeds=2,
-            n_train_tasks=60,
-            n_test_tasks=40,
-            budget=0.2,
-            n_base_tasks=30,
-            base_epochs=8,
-            finetune_steps=40,
+            n_train_tasks=32,
+            n_test_tasks=20,
+            n_base_tasks=32,
+            self_per_task=1,
+            finetune_steps=30,
+            workers=2,
+            methods=tuple(m for m in METHODS if m != "influence-drop-harmful"),
         )
         return cls(**{**base, **kw})
 
@@ -101,7 +111,8 @@ def run_demo(
     """Run the loop and write ``out/results.json`` and ``out/report.html``; return the results."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for sub in ("models", "scores"):  # a demo run rebuilds its models: old stores would not match
+    # a demo run rebuilds its models: old stores and selections would not match
+    for sub in ("models", "scores", "selections"):
         shutil.rmtree(out / sub, ignore_errors=True)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -148,36 +159,53 @@ def run_demo(
     harm = harmful_detection(data.pool, scores)
     log(f"harmful detection: {json.dumps(harm)}")
 
-    per_method: dict[str, list[float]] = {m: [] for m in config.methods}
-    per_family: dict[str, list[dict]] = {m: [] for m in config.methods}
-    agreement: dict[str, list[float]] = {m: [] for m in config.methods}
+    by_id = {t.id: t for t in data.pool}
     sizes: dict[str, int] = {}
-    t0 = time.perf_counter()
-    tick = progress("retrain + eval", len(config.methods) * config.seeds) if progress else None
+    jobs = []
+    (out / "selections").mkdir()
     for s in range(config.seeds):
         seed = config.seed + 1000 * (s + 1)
         for method in config.methods:
-            name, drop = method.replace("-drop-harmful", ""), method.endswith("-drop-harmful")
-            sel = select(
-                name,
+            sel = select_for_method(
+                method,
                 data.pool,
-                fraction=1.0 if name == "full" else config.budget,
+                data.target_families,
+                budget=config.budget,
+                seed=seed,
                 scores=scores,
                 step_scores=steps,
                 statistics=stats,
-                drop_harmful=drop,
-                seed=seed,
             )
-            by_id = {t.id: t for t in data.pool}
-            chosen = [by_id[i] for i in sel.ids]
-            sizes[method] = len(chosen)
-            model, tok = finetune(data, chosen, config, seed=seed)
-            ev = evaluate_model(env, model, tok, data.target_families, config)
-            per_method[method].append(ev["success_rate"])
-            per_family[method].append(ev["per_family"])
-            agreement[method].append(ev["step_agreement"])
-            if tick:
-                tick(1)
+            sizes[method] = len(sel.ids)
+            path = out / "selections" / f"{method}-seed{s}.jsonl"
+            write_pool([by_id[i] for i in sel.ids], path)
+            jobs.append(
+                {
+                    "method": method,
+                    "seed_index": s,
+                    "seed": seed,
+                    "selection": str(path),
+                    "n_selected": len(sel.ids),
+                    "base_dir": str(data.base_dir),
+                    "env": config.env,
+                    "families": list(data.target_families),
+                    "config": asdict(config),
+                }
+            )
+    t0 = time.perf_counter()
+    tick = progress("retrain + eval", len(jobs)) if progress else None
+    cells: dict[tuple[str, int], dict] = {}
+    if config.workers > 1 and len(jobs) > 1 and hasattr(env, "close"):
+        env.close()  # the workers make their own (a TWX env holds a JVM)
+    for cell in run_cells(jobs, config.workers, env):
+        cells[(cell["method"], cell["seed_index"])] = cell
+        if tick:
+            tick(1)
+    ordered = {m: [cells[(m, s)] for s in range(config.seeds)] for m in config.methods}
+    per_method = {m: [c["success_rate"] for c in v] for m, v in ordered.items()}
+    per_family = {m: [c["per_family"] for c in v] for m, v in ordered.items()}
+    agreement = {m: [c["step_agreement"] for c in v] for m, v in ordered.items()}
+    seconds = {m: [c["seconds"] for c in v] for m, v in ordered.items()}
     timings["retrain_eval_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
 
@@ -191,6 +219,7 @@ def run_demo(
             "step_agreement_std": float(np.std(agreement[m], ddof=1)) if len(v) > 1 else 0.0,
             "step_agreement_per_seed": agreement[m],
             "n_selected": sizes.get(m),
+            "cell_seconds": seconds[m],  # fine-tune + evaluate wall time per seed
         }
         for m, v in per_method.items()
     }
@@ -203,15 +232,18 @@ def run_demo(
         "base_success_rate": data.base_success["success_rate"],
         "base_step_agreement": data.base_success["step_agreement"],
         "methods": methods,
-        "paired_tests": paired_tests(per_method, against=("random", "full")),
-        "paired_tests_step_agreement": paired_tests(agreement, against=("random", "full")),
+        "paired_tests": paired_tests(per_method, against=BASELINES),
+        "paired_tests_step_agreement": paired_tests(agreement, against=BASELINES),
         "harmful_detection": harm,
         "runtime_s": timings,
         "config": asdict(config),
     }
     write_json(results, out / "results.json")
 
+    from transformers import AutoTokenizer
+
     from trajinf.report import write_demo_report
 
-    write_demo_report(results, scores, steps, data.pool, out / "report.html")
+    tokenizer = AutoTokenizer.from_pretrained(data.base_dir)
+    write_demo_report(results, scores, steps, data.pool, out / "report.html", tokenizer=tokenizer)
     return results

@@ -15,6 +15,7 @@ from trajinf.envs.evaluate import auroc, evaluate_policy, expert_step_agreement
 from trajinf.envs.model_policy import ModelPolicy
 from trajinf.envs.policies import ExpertPolicy, NoisyExpertPolicy, PlantedHarmfulPolicy
 from trajinf.envs.rollout import rollout
+from trajinf.errors import TrajinfError
 from trajinf.models.checkpoints import load_model
 from trajinf.models.tiny import tiny_model, tokenizer_corpus, train_tokenizer
 from trajinf.train.sft import DEMO_MODEL, DEMO_TRAIN, train_sft
@@ -147,6 +148,53 @@ def build_demo_data(env, config, out: Path, *, progress=None, log: Log = print) 
     )
 
 
+TASK_MATCHED = {"task-random": "random", "task-success": "success"}
+
+
+def select_for_method(
+    method: str,
+    pool: Sequence[Trajectory],
+    target_families: Sequence[str],
+    *,
+    budget: float,
+    seed: int,
+    **select_kw,
+):
+    """The demo's selection for ``method`` at ``ceil(budget * len(pool))`` trajectories.
+
+    ``influence-drop-harmful`` drops flagged trajectories first. The task-matched baselines
+    (``task-random``, ``task-success``) draw from the pool trajectories of the target families
+    only, so they know what metadata alone tells: which games are the target. A method that
+    does not beat them has learned nothing the task labels did not already say. The budget is
+    the same count as every other method's (``task-success`` may fall short; ``info`` says so).
+    """
+    from trajinf.selection.select import select
+
+    k = math.ceil(budget * len(pool))
+    if method in TASK_MATCHED:
+        fams = set(target_families)
+        sub = [t for t in pool if t.meta.get("family") in fams]
+        if not sub:
+            raise TrajinfError(
+                f"{method}: no pool trajectory of the target families {sorted(fams)}"
+            )
+        sel = select(
+            TASK_MATCHED[method], sub, fraction=min(1.0, k / len(sub)), seed=seed, **select_kw
+        )
+        sel.ids = sel.ids[:k]  # k / n * n can round up past k
+        sel.info.update(matched_pool=len(sub), n_selected=len(sel.ids))
+        return sel
+    name, drop = method.replace("-drop-harmful", ""), method.endswith("-drop-harmful")
+    return select(
+        name,
+        pool,
+        fraction=1.0 if name == "full" else budget,
+        drop_harmful=drop,
+        seed=seed,
+        **select_kw,
+    )
+
+
 def finetune(data: DemoData, chosen: Sequence[Trajectory], config, *, seed: int):
     """The base agent fine-tuned on ``chosen``.
 
@@ -158,6 +206,59 @@ def finetune(data: DemoData, chosen: Sequence[Trajectory], config, *, seed: int)
     epochs = max(1, math.ceil(config.finetune_steps * DEMO_TRAIN.batch_size / max(1, len(chosen))))
     train_sft(model, tokenizer, list(chosen), replace(DEMO_TRAIN, epochs=epochs, seed=seed))
     return model, tokenizer
+
+
+_CELL_ENVS: dict = {}  # one env per worker process (a TWX env holds a JVM)
+
+
+def retrain_cell(job: dict, env=None) -> dict:
+    """Fine-tune the base agent on one selection and evaluate it: one (method, seed) cell.
+
+    ``job``: method, seed, selection (JSONL path), base_dir, env, families, config (a
+    ``DemoConfig`` as a dict). Runs in the caller's process (with its ``env``, when given) or
+    a spawned worker (1 thread; one env per worker process).
+    Returns the job's method and seed with success_rate, per_family, step_agreement, seconds.
+    """
+    import time
+    from types import SimpleNamespace
+
+    import torch
+
+    from trajinf.data.trajectories import load_pool
+    from trajinf.envs import make_env
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    cfg = SimpleNamespace(**job["config"])
+    if env is None:
+        env = _CELL_ENVS.get(job["env"]) or _CELL_ENVS.setdefault(job["env"], make_env(job["env"]))
+    chosen = load_pool(job["selection"]) if job["n_selected"] else []
+    base = SimpleNamespace(base_dir=Path(job["base_dir"]))  # finetune() reads only base_dir
+    model, tok = finetune(base, chosen, cfg, seed=job["seed"])
+    ev = evaluate_model(env, model, tok, job["families"], cfg)
+    return {
+        "method": job["method"],
+        "seed_index": job["seed_index"],
+        "success_rate": ev["success_rate"],
+        "per_family": ev["per_family"],
+        "step_agreement": ev["step_agreement"],
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def run_cells(jobs: Sequence[dict], workers: int, env=None):
+    """Yield ``retrain_cell`` results as they finish: in this process with ``env`` when
+    ``workers`` <= 1, else in spawned processes (each one thread and, for TWX, one JVM)."""
+    if workers <= 1 or len(jobs) <= 1:
+        for j in jobs:
+            yield retrain_cell(j, env)
+        return
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as ex:
+        for f in as_completed([ex.submit(retrain_cell, j) for j in jobs]):
+            yield f.result()
 
 
 def evaluate_model(env, model, tokenizer, families: Sequence[str], config) -> dict:
@@ -208,5 +309,10 @@ def paired_tests(per_method: dict[str, list[float]], *, against: Sequence[str]) 
                 p = None  # no spread across seeds: a t-test is undefined, not significant
             else:
                 p = float(stats.ttest_rel(a, b).pvalue)
-            out[f"{m} vs {base}"] = {"mean_diff": float(diff.mean()), "p_value": p, "n": len(v)}
+            out[f"{m} vs {base}"] = {
+                "mean_diff": float(diff.mean()),
+                "p_value": p,
+                "n": len(v),
+                "n_ahead": int((diff > 0).sum()),  # seeds where the method beat the baseline
+            }
     return out
