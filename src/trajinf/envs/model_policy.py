@@ -5,6 +5,7 @@ Implements the rollout ``Policy`` protocol: ``act(episodes) -> list[str]``, one 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import re
@@ -15,11 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trajinf.data.template_check import check_chat_template
 from trajinf.errors import TemplateError, TrajinfError
 from trajinf.train.sft import base_forward, supports_logits_to_keep, token_logprobs
 
 # End-of-turn markers of the chat templates trajinf ships (ChatML, Llama 3); generation stops there.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>")
+_CACHE_NOTE = "model_policy_kv"  # EpisodeState.notes key of an episode's prompt KV cache
 _TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 
@@ -94,8 +97,12 @@ class ModelPolicy:
     back with ``env.message_to_action``. ``share_prefix`` (default) runs each episode's history once
     and scores its candidates from the KV cache; otherwise all (episode, candidate) sequences of one
     ``act`` call are scored in right-padded batches of at most ``batch_size`` sequences.
-    ``batch_size`` also bounds the episodes whose histories run together. The model is put in eval
-    mode.
+    ``batch_size`` also bounds the episodes whose histories run together. ``reuse_cache`` keeps
+    each episode's prompt KV cache in ``episode.notes`` from one step to the next, so a step runs
+    only the tokens added since the last one (the action taken and its result) and the
+    candidates; worth it for real models, whose prompts cost far more than the per-episode
+    forwards it trades them for. The chat template is checked on the first ``act`` (a template
+    that drops the env's tool calls raises TemplateError). The model is put in eval mode.
     """
 
     def __init__(
@@ -110,6 +117,7 @@ class ModelPolicy:
         seed: int = 0,
         batch_size: int = 64,
         share_prefix: bool = True,
+        reuse_cache: bool = False,
     ) -> None:
         if mode not in ("rank", "generate"):
             raise TrajinfError(
@@ -123,6 +131,8 @@ class ModelPolicy:
         self.batch_size = batch_size
         # the KV-cache path needs a model that computes logits only at kept positions
         self.share_prefix = share_prefix and supports_logits_to_keep(model)
+        self.reuse_cache = reuse_cache and self.share_prefix
+        self._template_checked = False
         # transformers 5 renamed the KV-cache argument and output from past_key_values to cache
         params = inspect.signature(base_forward(model)).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -139,6 +149,8 @@ class ModelPolicy:
     @torch.inference_mode()
     def act(self, episodes: Sequence) -> list[str]:
         """One action per episode (``EpisodeState``: env, messages, tools, valid_actions, ...)."""
+        if not self._template_checked and episodes:
+            self.check_template(episodes[0])
         actions: list[str | None] = [None] * len(episodes)
         ranked = [i for i, ep in enumerate(episodes) if self.mode == "rank" and ep.valid_actions]
         if ranked:
@@ -149,6 +161,18 @@ class ModelPolicy:
             if actions[i] is None:
                 actions[i] = self.generate_action(ep)
         return actions  # type: ignore[return-value]
+
+    def check_template(self, episode) -> None:
+        """Refuse a chat template that drops what this env's actions are (tool calls and their
+        results, or plain text): the policy would score empty actions."""
+        if episode.valid_actions:
+            calls = bool(episode.env.action_to_message(episode.valid_actions[0]).get("tool_calls"))
+        else:  # no action to look at: the tool schema or the history tells
+            calls = bool(episode.tools) or any(m.get("tool_calls") for m in episode.messages)
+        check_chat_template(
+            self.tokenizer, tool_calls=calls, tool_results=calls, where="model policy"
+        )
+        self._template_checked = True
 
     # -- rank mode -------------------------------------------------------------------------------
     def prompt_text(self, episode) -> str:
@@ -208,7 +232,9 @@ class ModelPolicy:
                     cands.append((c, ids[n:], mask[n:]))
                 else:
                     full.append((e, c, ids, mask))
-            if cands:
+            if cands and self.reuse_cache:
+                self._score_from_episode_cache(ep, e, prompt_ids, cands, out)
+            elif cands:
                 groups.append((e, prompt_ids, cands))
         for start in range(0, len(groups), self.batch_size):
             self._score_from_prefix(groups[start : start + self.batch_size], out)
@@ -225,6 +251,41 @@ class ModelPolicy:
                 out[e][c] = totals[b]
         return out
 
+    def _score_from_episode_cache(
+        self, episode, e: int, prompt_ids: list[int], cands: list, out: list[np.ndarray]
+    ) -> None:
+        """Score one episode's candidate suffixes from its prompt KV cache, kept in
+        ``episode.notes`` across steps: only the prompt tokens past the longest common prefix
+        with the cached ones run (the cache is cropped to that prefix first)."""
+        dev = self.device
+        cached_ids, cache = episode.notes.get(_CACHE_NOTE, ([], None))
+        keep = 0
+        for a, b in zip(cached_ids, prompt_ids[:-1], strict=False):  # >= 1 token must run
+            if a != b:
+                break
+            keep += 1
+        if cache is not None and keep > 0:
+            drop = cache.get_seq_length() - keep
+            if drop > 0:
+                cache.crop(-drop)  # negative: remove that many (transformers 4 and 5 agree)
+        else:
+            cache, keep = None, 0
+        new = torch.tensor([prompt_ids[keep:]], dtype=torch.long, device=dev)
+        kw = {self._cache_kw: cache} if cache is not None else {}
+        pre = self.model(
+            input_ids=new,
+            position_ids=torch.arange(keep, len(prompt_ids), device=dev)[None],
+            use_cache=True,
+            logits_to_keep=1,
+            **kw,
+        )
+        cache = pre[self._cache_kw]
+        episode.notes[_CACHE_NOTE] = (list(prompt_ids), cache)
+        first = torch.log_softmax(pre.logits[:, -1].float(), dim=-1)  # [1, V]
+        p_attn = torch.ones((1, len(prompt_ids)), dtype=torch.long, device=dev)
+        # the candidates extend a copy: the episode's cache must stay the prompt's
+        self._score_suffixes([(e, prompt_ids, cands)], copy.deepcopy(cache), first, p_attn, out)
+
     def _score_from_prefix(self, groups: list, out: list[np.ndarray]) -> None:
         """Score the candidate suffixes of ``groups`` [(episode, prompt ids, [(c, ids, mask)])]
         from one batched forward of the prompts (right-padded, KV cache kept) into ``out``."""
@@ -239,8 +300,17 @@ class ModelPolicy:
             logits_to_keep=(lens - 1)[:, None],
         )
         first = torch.log_softmax(pre.logits[:, 0].float(), dim=-1)  # [E, V]: suffix token 0
+        self._score_suffixes(groups, pre[self._cache_kw], first, p_attn, out)
+
+    def _score_suffixes(
+        self, groups: list, cache, first: torch.Tensor, p_attn: torch.Tensor, out: list
+    ) -> None:
+        """Candidate suffix scores into ``out`` from the prompts' KV ``cache`` (one row per
+        group, modified), ``first`` float32 [E, V] (log-probs of each suffix's first token) and
+        the prompts' attention int64 [E, P]."""
+        dev = self.device
+        lens = p_attn.sum(dim=1)
         owner = torch.tensor([g for g, grp in enumerate(groups) for _ in grp[2]], device=dev)
-        cache = pre[self._cache_kw]
         cache.batch_select_indices(owner)  # one copy of its episode's history per candidate
         ids, attn, score_mask = _right_pad(
             [(c[1], c[2]) for grp in groups for c in grp[2]], self.pad_id
