@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from trajinf.data.schema import Trajectory
-from trajinf.data.tokenize import tokenize_pool
 from trajinf.data.trajectories import field_value, load_pool
 from trajinf.errors import TrajinfError
+from trajinf.job.cache import cached_tokens
 from trajinf.job.shards import UpdateMask
 
 if TYPE_CHECKING:
@@ -54,18 +54,34 @@ def checkpoint_list(model_dir: Path, checkpoints: Sequence[str | Path]) -> list[
 
 
 def load_inputs(
-    model_dir: Path, pool, target, config: ScoreJobConfig, *, tokenize_pool_too: bool = True
+    model_dir: Path,
+    pool,
+    target,
+    config: ScoreJobConfig,
+    *,
+    tokenize_pool_too: bool = True,
+    cache: Path | None = None,
 ):
-    """(pool trajectories, target trajectories, pool tokens or None, target tokens)."""
+    """(pool trajectories, target trajectories, pool tokens or None, target tokens).
+
+    ``cache``: a directory (the job's ``OUT/cache``) where the tokens are kept as
+    ``tokens-{pool,target}.npz``, keyed by the input, tokenizer and max length, so a rerun
+    does not tokenize again (:func:`trajinf.job.cache.cached_tokens`)."""
+    from trajinf.models.checkpoints import tokenizer_fingerprint
+
     pool_trajs = list(pool) if not isinstance(pool, (str, Path)) else load_pool(pool)
     target_trajs = list(target) if not isinstance(target, (str, Path)) else load_pool(target)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=config.trust_remote_code)
-    pool_tok = (
-        tokenize_pool(pool_trajs, tokenizer, max_length=config.max_length)
-        if tokenize_pool_too
-        else None
-    )
-    target_tok = tokenize_pool(target_trajs, tokenizer, max_length=config.max_length)
+    key = tokenizer_fingerprint(tokenizer) if cache is not None else ""
+
+    def tokens(name, source, trajs):
+        path = Path(cache) / f"tokens-{name}.npz" if cache is not None else None
+        return cached_tokens(
+            path, source, trajs, tokenizer, max_length=config.max_length, tokenizer_key=key
+        )
+
+    pool_tok = tokens("pool", pool, pool_trajs) if tokenize_pool_too else None
+    target_tok = tokens("target", target, target_trajs)
     return pool_trajs, target_trajs, pool_tok, target_tok
 
 

@@ -147,19 +147,23 @@ def baseline_statistics(
     pool_trajs,
     *,
     trust_remote_code: bool = False,
+    model: torch.nn.Module | None = None,
+    pool_embeddings: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Per-item statistics the baseline selectors need, in pool order: id, loss, grad_norm,
     length (:func:`item_statistics` of the pool store's last checkpoint) and rds (RDS+ cosine
     of mean last-hidden-state embeddings to the target's subtasks, with the model at
-    ``model_dir``)."""
+    ``model_dir``). ``model``: that model, already loaded; ``pool_embeddings``: the pool's
+    :func:`hidden_state_embeddings` [N, H], already computed (the job caches them per shard)."""
     from trajinf.models.checkpoints import load_model
 
-    model, _ = load_model(Path(model_dir), trust_remote_code=trust_remote_code)
+    if model is None:
+        model, _ = load_model(Path(model_dir), trust_remote_code=trust_remote_code)
+    if pool_embeddings is None:
+        pool_embeddings = hidden_state_embeddings(model, pool_tok)
     t_items = target_store.items
     t_sub = t_items[t_items["step"] == -1].sort_values("item")["subtask"].tolist()
-    rds = rds_scores(
-        hidden_state_embeddings(model, pool_tok), hidden_state_embeddings(model, target_tok), t_sub
-    )
+    rds = rds_scores(pool_embeddings, hidden_state_embeddings(model, target_tok), t_sub)
     ids = [t.id for t in pool_trajs]
     stats = item_statistics(pool_store).set_index("id").reindex(ids)
     stats["rds"] = rds
