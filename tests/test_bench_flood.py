@@ -109,6 +109,30 @@ def test_influence_selections_against_sorting():
     assert ids == list(ref.index[:k])
 
 
+def test_per_task_influence_spreads_over_tasks():
+    """inf-adv|succ/task: reference by loops: repeatedly take each task's best remaining
+    success, tasks in order of that success's score."""
+    pool = _pool()
+    rng = np.random.default_rng(1)
+    values = {t.id: float(rng.normal()) for t in pool}
+    scored = _scored(pool, values)
+    for budget in (0.1, 0.25, 0.5):
+        ids, _, info = select_flood("inf-adv|succ/task", pool, budget=budget, seed=0, scored=scored)
+        left = {}
+        for t in pool:
+            if t.success:
+                left.setdefault(t.task_id, []).append(t.id)
+        ref = []
+        while any(left.values()):
+            best = [max(v, key=lambda i: values[i]) for v in left.values() if v]
+            for i in sorted(best, key=lambda i: -values[i]):
+                ref.append(i)
+                left[i.split("-")[0]].remove(i)
+        assert ids == ref[: info["k"]]
+    ids, _, _ = select_flood("inf-adv|succ/task", pool, budget=0.1, seed=0, scored=scored)
+    assert {i.split("-")[0] for i in ids} == {"a", "b", "d"}  # every solved task once first
+
+
 def test_no_outcome_direction_falls_back_to_random():
     pool = [_traj("a", k, False) for k in range(8)]
     s = pd.DataFrame({"id": [t.id for t in pool], "score": np.nan})
@@ -205,3 +229,28 @@ def test_flood_quick_through_cli(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert (out / "flood" / "builtin" / "rounds.jsonl").read_text() == before
     assert os.path.isdir(tmp_path / "cache" / "agents")
+
+
+def test_report_escapes_method_names_and_plots_each_method():
+    from trajinf.bench.flood_report import flood_markdown, round_plot_svg
+
+    rows = []
+    for seed in range(2):
+        for m in ("rs", "inf-adv|succ"):
+            for rnd in (1, 2):
+                rows.append(
+                    dict(method=m, seed=seed, round=rnd, success=0.1 * rnd + 0.05 * seed,
+                         expansion=0.0, n_selected=3, selected_success=1.0, cost_epochs=0.2)
+                )  # fmt: skip
+    res = {
+        "env": "builtin", "summary": summarize_rounds(rows), "n_test": 10, "n_base_failed": 7,
+        "target_families": ["repair"], "runtime_s": 60.0,
+        "agent": {"fingerprint": "abc", "test_success": 0.3},
+    }  # fmt: skip
+    md = flood_markdown(res)
+    table = [line for line in md.splitlines() if line.startswith("| inf-adv")]
+    head = md.splitlines()[2]
+    assert len(table) == 1 and table[0].count(" | ") == head.count(" | ")  # | escaped
+    assert "0.125 ± 0.035" in md  # round 1 of both methods: 0.1 and 0.15 over 2 seeds
+    svg = round_plot_svg(res)
+    assert svg.count("<polyline") == 2 and svg.count("<circle") == 4

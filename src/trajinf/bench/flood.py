@@ -45,13 +45,15 @@ FLOOD_METHODS: dict[str, str] = {
     "inf-adv": "influence, target: group advantage of the pool's own rollouts",
     "inf-adv|succ": "inf-adv ranking among the successes only",
     "inf-adv|succ*rare": "successes ranked by inf-adv rank + pass-rate rank (rare, aligned first)",
+    "inf-adv|succ/task": "successes, best inf-adv of every task first, then second best, ...",
     "inf-adv*gv": "inf-adv ranking with DRO group-variance step weights",
     "inf-adv*branch": "inf-adv ranking with Tree-GRPO branch-credit step weights",
 }
 NEEDS_SCORES = {m for m in FLOOD_METHODS if m.startswith("inf") or m in ("rds", "loss")}
 DEFAULT_METHODS = (
     "base", "rs", "rs-budget", "rs-rare", "dapo", "random", "full", "rds", "loss",
-    "inf-less", "inf-smf", "inf-adv", "inf-adv|succ", "inf-adv|succ*rare", "inf-adv*branch",
+    "inf-less", "inf-smf", "inf-adv", "inf-adv|succ", "inf-adv|succ*rare", "inf-adv|succ/task",
+    "inf-adv*branch",
 )  # fmt: skip
 
 
@@ -288,6 +290,16 @@ def select_flood(
             )
             r = (r + _rank01(rare)) / 2
         return list(r.sort_values(ascending=False, kind="stable").index[:k]), None, info
+    if method == "inf-adv|succ/task":
+        # one pass over the tasks per position: every task's best success before any second
+        s = pd.DataFrame(
+            {"score": table[succ].fillna(-np.inf).to_numpy(),
+             "task": [str(t.task_id) for t in pool if t.success]},
+            index=table.index[succ],
+        )  # fmt: skip
+        s["pos"] = s.groupby("task")["score"].rank(method="first", ascending=False)
+        order = s.sort_values(["pos", "score"], ascending=[True, False], kind="stable").index
+        return list(order[:k]), None, info
     prior = {"inf-adv*gv": "group_variance", "inf-adv*branch": "branch"}[method]
     values = step_prior(prior, list(pool), env=env)
     combined = combine_steps(scored.steps[mode], values, how="rank")
@@ -302,7 +314,7 @@ def select_flood(
 # past round 1 (each round of each method samples, scores and trains anew): the practitioner's
 # filters and the influence variants that keep to successes
 LATER_METHODS = ("base", "rs", "rs-budget", "rs-rare", "random", "inf-adv", "inf-adv|succ",
-                 "inf-adv|succ*rare")  # fmt: skip
+                 "inf-adv|succ*rare", "inf-adv|succ/task")  # fmt: skip
 # the families the tiny ToolWorld agent half-learns (cook and sort stay near 0 at this size)
 BUILTIN_TARGETS = ("repair", "unlock")
 
@@ -343,6 +355,6 @@ def flood_preset(env: str, *, quick: bool = False) -> FloodConfig:
             later_methods=LATER_METHODS,
         )  # fmt: skip
     if env == "twx":
-        agent = AgentConfig(env="twx", n_other_tasks=24, n_target_demos=6, epochs=30)
+        agent = AgentConfig(env="twx", n_other_tasks=24, n_target_demos=3, epochs=30)
         return FloodConfig(env="twx", agent=agent, n_train_tasks=16, n_test_tasks=30, seeds=3)
     raise TrajinfError(f"flood: unknown env '{env}' (builtin, twx)")
