@@ -77,3 +77,19 @@ def test_bench_report_has_tables_and_the_sentence(tmp_path):
     assert ["all", "30", "15", "0.500"] in pool
     text = (tmp_path / "bench.html").read_text()
     assert "{'expert'" not in text and "expert 4, noisy 1" in text
+
+
+def test_bench_terminal_ends_with_the_table_and_sentences(capsys):
+    from trajinf.bench.env_report import headline_rows
+    from trajinf.cli.bench import _print_result
+
+    res = _results()
+    rows = headline_rows(res)
+    assert [r[2] for r in rows] == ["inf", "random", "full"]  # budget 0.25 left out
+    assert rows[0][4] == "0.450±0.071" and rows[0][5] == "0.40 0.50"
+    _print_result(res)
+    out = capsys.readouterr().out
+    assert (
+        out.split()[-len(scenario_sentences(res)[0].split()) :]
+        == scenario_sentences(res)[0].split()
+    )

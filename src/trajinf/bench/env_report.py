@@ -74,6 +74,35 @@ def scenario_sentences(results: dict) -> list[str]:
     return out
 
 
+HEADLINE_HEADER = ("env", "scenario", "method", "n", "success±std", "per seed", "vs random")
+
+
+def headline_rows(results: dict) -> list[list[str]]:
+    """The retrained cells at the headline budget (and full), one row each: what the
+    terminal prints at the end of ``trajinf bench`` above the sentences."""
+    head = results["config"].get("headline", 0.1)
+    rows = []
+    for env, r in results["envs"].items():
+        for e in r["summary"].values():
+            if e["budget"] != head and e["method"] != "full":
+                continue
+            t = e["paired"].get("random")
+            p = None if not t else t.get("p_value")
+            vs = "–" if not t else f"{t['mean_diff']:+.3f} (p {_fmt(p)})"
+            rows.append(
+                [
+                    env,
+                    e["scenario"],
+                    e["method"],
+                    str(e["n_selected"]),
+                    f"{e['success_mean']:.3f}±{e['success_std']:.3f}",
+                    " ".join(f"{x:.2f}" for x in e["success_per_seed"]),
+                    vs,
+                ]
+            )
+    return rows
+
+
 def summary_table(summary: dict) -> str:
     """Rows: scenario, method, budget, selected, success, agreement, vs random, vs full."""
     head = (

@@ -63,6 +63,25 @@ def bench(
     with progress_bars() as bars:
         res = run_bench(cfg, out, progress=bars, log=console.print)
     console.print(f"bench: {len(res['cells'])} cells -> {out}/bench.json, {out}/bench.html")
+    _print_result(res)
+
+
+def _print_result(res: dict) -> None:
+    """The headline table and one sentence per scenario, on stdout (as bench.html opens)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from trajinf.bench.env_report import HEADLINE_HEADER, headline_rows, scenario_sentences
+
+    table = Table(title=f"held-out success at budget {res['config'].get('headline', 0.1):g}")
+    for col in HEADLINE_HEADER:
+        table.add_column(col, no_wrap=True)
+    for row in headline_rows(res):
+        table.add_row(*row)
+    out = Console()
+    out.print(table)
+    for sentence in scenario_sentences(res):
+        out.print(sentence, soft_wrap=True)
 
 
 def _flood(*, env: str, seeds: int | None, rounds: int | None, quick: bool, out: Path) -> None:

@@ -66,10 +66,18 @@ class DemoConfig:
     workers: int = 1  # processes for the (method, seed) fine-tune + evaluate cells
     seed: int = 0
     model: dict = field(default_factory=dict)  # overrides of the tiny model config
+    # a pretrained agent instead of a tiny one (``real()``): --model spec, template, LoRA, policy
+    pretrained: str | None = None  # save_pretrained dir, .gguf file, smollm2-135m, cached hub id
+    chat_template: str | None = None  # replaces the pretrained model's template (chatml-tools)
+    lora: bool = False  # warmup and fine-tunes train LoRA adapters (models.lora)
+    lr: float | None = None  # peak learning rate (None: the tiny demo's DEMO_TRAIN lr)
+    reuse_cache: bool = False  # model policy keeps each episode's KV cache across steps
+    history_window: int | None = None  # model policy sees the last N steps (None: all)
+    max_steps: int | None = None  # evaluation episodes stop after N steps (None: the env's)
 
     @classmethod
     def default(cls, **kw) -> DemoConfig:
-        """The main job: TextWorld Express games, 3 seeds (about 10 minutes on 2 cores)."""
+        """The main job: TextWorld Express games, 3 seeds, the fine-tune cells on 2 processes."""
         base = dict(
             env="twx",
             seeds=3,
@@ -78,6 +86,7 @@ class DemoConfig:
             n_base_tasks=40,
             self_per_task=1,
             finetune_steps=30,
+            workers=2,
         )
         return cls(**{**base, **kw})
 
@@ -99,6 +108,39 @@ class DemoConfig:
             methods=tuple(m for m in METHODS if m != "influence-drop-harmful"),
         )
         return cls(**{**base, **kw})
+
+
+def real_agent_config(model: str = "smollm2-135m", **kw) -> DemoConfig:
+    """The loop with a pretrained agent (SmolLM2-135M-Instruct by default), sized for 2 CPU
+    cores: TextWorld Express, the pretrained model as the base agent (no base training, no
+    self rollouts), ChatML with tool calls, LoRA warmup and fine-tunes, the policy's KV cache
+    across steps, 8 held-out test episodes of at most 12 steps, 3 seeds, 5 methods.
+    See docs/benchmarks.md ("Real model: SmolLM2-135M") for its measured time."""
+    base = dict(
+        env="twx",
+        pretrained=model,
+        chat_template="chatml-tools",
+        lora=True,
+        lr=1e-3,
+        reuse_cache=True,
+        seeds=3,
+        budget=0.2,
+        n_train_tasks=16,
+        n_target_per_family=2,
+        n_test_tasks=8,
+        max_steps=12,
+        n_base_tasks=0,
+        base_epochs=0,
+        self_per_task=0,
+        noisy_levels=(0.5,),
+        warmup_fraction=0.2,
+        warmup_checkpoints=2,
+        finetune_steps=4,
+        proj_dim=1024,
+        workers=2,
+        methods=("influence", "random", "task-random", "success", "full"),
+    )
+    return DemoConfig(**{**base, **kw})
 
 
 def run_demo(
