@@ -11,7 +11,12 @@ from trajinf.data.schema import Trajectory
 from trajinf.data.write import write_pool
 from trajinf.errors import TrajinfError
 from trajinf.loop.demo import DemoConfig
-from trajinf.loop.steps import retrain_cell, run_cells, select_for_method
+from trajinf.loop.steps import (
+    retrain_cell,
+    run_cells,
+    select_for_method,
+    selection_composition,
+)
 
 
 def _traj(i: int, family: str, success: bool) -> Trajectory:
@@ -71,6 +76,17 @@ def test_task_success_falls_short_when_the_families_have_few_successes(pool):
 def test_task_matched_without_target_trajectories_is_a_clear_error(pool):
     with pytest.raises(TrajinfError, match="no pool trajectory of the target families"):
         select_for_method("task-random", pool, ["bake"], budget=0.1, seed=0)
+
+
+def test_selection_composition_counts(pool):
+    by_id = {t.id: t for t in pool}
+    c = selection_composition(["t0", "t1", "t4", "t5"], by_id)
+    assert c == {
+        "families": {"cook": 2, "unlock": 2},
+        "sources": {"noisy": 1, "expert": 3},
+        "labelled_success": 3,
+        "n": 4,
+    }
 
 
 def test_other_methods_go_through_select(pool):

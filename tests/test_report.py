@@ -177,6 +177,20 @@ def _results(pool):
                 "step_agreement_mean": 0.5,
                 "step_agreement_std": 0.1,
                 "n_selected": 3,
+                "selected": [
+                    {
+                        "families": {"cook": 2, "unlock": 1},
+                        "sources": {"expert": 3},
+                        "labelled_success": 3,
+                        "n": 3,
+                    },
+                    {
+                        "families": {"cook": 3},
+                        "sources": {"noisy": 3},
+                        "labelled_success": 1,
+                        "n": 3,
+                    },
+                ],
             }
             for m, v in methods.items()
         },
@@ -210,6 +224,14 @@ def test_demo_report_tables_sentence_bad_steps_and_action_mask(
     all_row = next(r for r in pool_table if r[0] == "all")
     assert all_row[1] == str(len(small_pool))
     assert ["measure", "value"] in headers
+    chosen = next(t for t in page.tables if t and t[0][:2] == ["method", "selected"])
+    assert [
+        "influence",
+        "3 / 3",
+        "3 / 1",
+        "cook 2, unlock 1 / cook 3",
+        "expert 3 / noisy 3",
+    ] in chosen
     html = path.read_text()
     assert "known bad step" in html  # bad steps highlighted in the per-step tables
     # the action mask: token spans whose green ones are exactly the mask of the top trajectory

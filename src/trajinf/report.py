@@ -547,6 +547,30 @@ def detection_rows(harm: Mapping) -> list[list]:
     return [[_DETECTION_LABELS.get(k, k), v] for k, v in harm.items()]
 
 
+def selection_rows(results: dict) -> list[list]:
+    """Per method: what it selected (families, sources, labelled successes), seeds joined by
+    " / " (``results["methods"][m]["selected"]``, one dict per seed)."""
+
+    def counts(d: dict) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(d.items(), key=lambda kv: -kv[1]))
+
+    rows = []
+    for name, r in results["methods"].items():
+        sel = r.get("selected") or []
+        if not sel:
+            continue
+        rows.append(
+            [
+                name,
+                " / ".join(str(x["n"]) for x in sel),
+                " / ".join(str(x["labelled_success"]) for x in sel),
+                " / ".join(counts(x["families"]) for x in sel),
+                " / ".join(counts(x["sources"]) for x in sel),
+            ]
+        )
+    return rows
+
+
 def _paired_section(tests: Mapping[str, dict]) -> list[str]:
     """Influence's comparisons in a table; the baselines against each other folded below."""
     mine = {k: v for k, v in tests.items() if k.startswith("influence")}
@@ -599,6 +623,14 @@ def write_demo_report(
         "</div>",
         "<h2>Paired tests</h2>",
         *_paired_section(results.get("paired_tests", {})),
+        "<h2>What each method selected</h2>",
+        html_table(
+            ("method", "selected", "labelled success", "families", "sources"),
+            selection_rows(results),
+            caption="seeds separated by / (the target families are "
+            + ", ".join(results["target_families"])
+            + ")",
+        ),
         "<h2>Pool composition</h2>",
         html_table(
             ("source", "trajectories", "labelled success", "success rate", "in target families"),

@@ -28,6 +28,7 @@ from trajinf.loop.steps import (
     paired_tests,
     run_cells,
     select_for_method,
+    selection_composition,
 )
 from trajinf.store.atomic import write_json
 
@@ -203,6 +204,7 @@ def run_demo(
 
     by_id = {t.id: t for t in data.pool}
     sizes: dict[str, int] = {}
+    composition: dict[str, list[dict]] = {}
     jobs = []
     (out / "selections").mkdir()
     for s in range(config.seeds):
@@ -219,6 +221,7 @@ def run_demo(
                 statistics=stats,
             )
             sizes[method] = len(sel.ids)
+            composition.setdefault(method, []).append(selection_composition(sel.ids, by_id))
             path = out / "selections" / f"{method}-seed{s}.jsonl"
             write_pool([by_id[i] for i in sel.ids], path)
             jobs.append(
@@ -262,6 +265,7 @@ def run_demo(
             "step_agreement_per_seed": agreement[m],
             "n_selected": sizes.get(m),
             "cell_seconds": seconds[m],  # fine-tune + evaluate wall time per seed
+            "selected": composition[m],  # per seed: families, sources, labelled successes
         }
         for m, v in per_method.items()
     }

@@ -195,6 +195,21 @@ def select_for_method(
     )
 
 
+def selection_composition(ids: Sequence[str], by_id: dict[str, Trajectory]) -> dict:
+    """What a selection holds: counts by family and by source (planted apart), and how many
+    are labelled successful; ``by_id`` maps pool ids to trajectories."""
+    fam: dict[str, int] = {}
+    src: dict[str, int] = {}
+    for i in ids:
+        t = by_id[i]
+        f = str(t.meta.get("family", "?"))
+        s = "planted" if _is_planted(t) else str(t.source)
+        fam[f] = fam.get(f, 0) + 1
+        src[s] = src.get(s, 0) + 1
+    ok = sum(bool(by_id[i].success) for i in ids)
+    return {"families": fam, "sources": src, "labelled_success": ok, "n": len(ids)}
+
+
 def finetune(data: DemoData, chosen: Sequence[Trajectory], config, *, seed: int):
     """The base agent fine-tuned on ``chosen``.
 
