@@ -59,11 +59,17 @@ class RankContext:
         return int(flag.item()) == 0
 
 
-def rank_context(backend: str | None = None, *, timeout_s: float = 1800.0) -> RankContext:
+def rank_context(
+    backend: str | None = None, *, timeout_s: float = 1800.0, init_method: str | None = None
+) -> RankContext:
     """The rank of this process from the ``torchrun`` environment (RANK, WORLD_SIZE,
     LOCAL_RANK); joins the default process group when WORLD_SIZE > 1.
 
-    ``backend`` None picks nccl when CUDA is available, else gloo.
+    ``backend`` None picks nccl when CUDA is available, else gloo. ``init_method`` None
+    rendezvous through ``MASTER_ADDR``/``MASTER_PORT`` (what torchrun sets); pass
+    ``"file:///shared/path"`` to rendezvous through a file instead (no port to pick).
+    ``timeout_s`` bounds every collective, so a rank slowed down by a loaded machine waits
+    rather than fails.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -80,16 +86,30 @@ def rank_context(backend: str | None = None, *, timeout_s: float = 1800.0) -> Ra
     if backend == "nccl":
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend,
+            init_method=init_method,
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=timeout_s),
+        )
     return RankContext(rank=rank, world=world, local_rank=local, backend=backend)
 
 
 def shutdown(ctx: RankContext) -> None:
-    """Leave the process group joined by :func:`rank_context` (no-op for one process)."""
+    """Leave the process group joined by :func:`rank_context` (no-op for one process).
+
+    On the normal path every rank first waits at a barrier, so they leave together: a rank
+    that tore down its gloo connections while a slower one was still using them could make
+    that rank's transport thread throw outside Python (terminate -> SIGABRT). While an
+    exception propagates (called from ``finally``) there is no barrier, as the other ranks
+    may be gone."""
     if ctx.backend is not None:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            if sys.exc_info()[0] is None:
+                dist.barrier()
             dist.destroy_process_group()
 
 
