@@ -80,3 +80,14 @@ def test_errors() -> None:
     with pytest.raises(TrajinfError, match="max_bad_fraction"):
         repair_plan(pd.DataFrame({"id": [], "harmful": []}), steps.assign(bad=False),
                     max_bad_fraction=0)  # fmt: skip
+
+
+def test_oracle_plan_repairs_known_bad_steps_and_drops_mostly_bad() -> None:
+    from trajinf.bench.harm import oracle_plan
+
+    pool = [_traj(i, 4) for i in "abc"]
+    pool[1].meta["bad_step"] = 2  # one-bad-step demo: repaired at step 2
+    pool[2].meta["noisy_steps"] = [0, 1, 3]  # mostly bad: dropped
+    plan = oracle_plan(pool).set_index("id")
+    assert plan["choice"].to_dict() == {"a": "kept", "b": "repaired", "c": "dropped"}
+    assert plan.loc["b", "bad_steps"] == [2]

@@ -101,7 +101,17 @@ QUICK_GRID: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 # issue 13 (harm detection and repair): the mixed pool only; keep / drop / repair side by side
 HARM_GRID: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "mixed": (("inf", "inf+drop-harm", "inf+repair", "inf-kfac-cos"), ()),
+    "mixed": (
+        (
+            "inf",
+            "inf+drop-harm",
+            "inf+repair",
+            "inf+drop-oracle",
+            "inf+repair-oracle",
+            "inf-kfac-cos",
+        ),
+        (),
+    ),  # fmt: skip
 }
 
 

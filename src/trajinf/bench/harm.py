@@ -66,6 +66,12 @@ def harm_report(
     }
     if planted.any() and good.any():
         out["auroc_planted_vs_good"] = auroc(harm[both], planted[both])
+        # the same comparison within the families planted demos come from: families differ in
+        # length and structure, so a score can separate them by family alone
+        fam = np.array([t.meta.get("family") for t in pool], dtype=object)
+        same = both & np.isin(fam, list({f for f, p in zip(fam, planted, strict=True) if p}))
+        if (good & same).any():
+            out["auroc_planted_vs_good_same_family"] = auroc(harm[same], planted[same])
         out["auroc_planted_vs_pool"] = auroc(harm, planted)
         for col, key in (("score", "auroc_low_score_vs_good"),
                          ("min_step_score", "auroc_min_step_vs_good")):  # fmt: skip
@@ -117,14 +123,34 @@ def _localization(pool: Sequence[Trajectory], harm_steps: pd.DataFrame) -> dict:
     return res
 
 
+def oracle_plan(pool: Sequence[Trajectory], *, max_bad_fraction: float = 0.34) -> pd.DataFrame:
+    """A repair plan from the pool's labels instead of the flag (what repair is worth with a
+    perfect detector): trajectories with known bad steps (noisy, one-bad-step, planted) are
+    repaired when few enough of their steps are bad, else dropped; the rest kept."""
+    harm = pd.DataFrame({"id": [t.id for t in pool], "harmful": [bool(_bad(t)) for t in pool]})
+    steps = pd.DataFrame(
+        [{"id": t.id, "step": k, "bad": k in _bad(t)} for t in pool for k in range(len(t.steps()))]
+    )
+    return repair_plan(harm, steps, max_bad_fraction=max_bad_fraction)
+
+
+def _bad(t: Trajectory) -> set[int]:
+    bad = {int(s) for s in (t.meta.get("noisy_steps") or []) + (t.meta.get("planted_steps") or [])}
+    return bad | ({int(t.meta["bad_step"])} if "bad_step" in t.meta else set())
+
+
 def harm_selection(pool: Sequence[Trajectory], scored, budget: float, mode: str):
     """The bench's keep / drop / repair selection of a scored variant (``scored``: bench
-    ``Scored`` with the job's harm columns and ``harm_steps``), at ``budget`` of the pool."""
+    ``Scored`` with the job's harm columns and ``harm_steps``), at ``budget`` of the pool.
+    ``mode`` "repair-oracle" / "drop-oracle" take the plan from the labels (:func:`oracle_plan`)."""
     from trajinf.errors import TrajinfError
 
-    if scored.harm_steps is None or "harm" not in scored.scores.columns:
-        raise TrajinfError("bench: harm selection needs the job's harm scores (harm_steps)")
-    plan = repair_plan(scored.scores[["id", "harmful"]], scored.harm_steps)
     n_steps = {t.id: len(t.steps()) for t in pool}
+    if mode.endswith("-oracle"):
+        plan, mode = oracle_plan(pool), mode.removesuffix("-oracle")
+    else:
+        if scored.harm_steps is None or "harm" not in scored.scores.columns:
+            raise TrajinfError("bench: harm selection needs the job's harm scores (harm_steps)")
+        plan = repair_plan(scored.scores[["id", "harmful"]], scored.harm_steps)
     return select_repaired(pool, fraction=budget, scores=scored.scores,
                            step_scores=scored.steps, plan=plan, mode=mode, n_steps=n_steps)  # fmt: skip

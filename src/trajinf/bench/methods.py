@@ -73,6 +73,9 @@ BENCH_METHODS: dict[str, Method] = {
     # (its bad steps weighted 0, dropped only when too much of it is bad)
     "inf+drop-harm": _influence("inf+drop-harm", "inf", harm="drop"),
     "inf+repair": _influence("inf+repair", "inf", harm="repair"),
+    # the same with the pool's labels as the detector: what repair is worth when detection works
+    "inf+drop-oracle": _influence("inf+drop-oracle", "inf", harm="drop-oracle"),
+    "inf+repair-oracle": _influence("inf+repair-oracle", "inf", harm="repair-oracle"),
     # step priors (issue 8): alone (rank by the trajectory's mean prior, weights from the prior)
     # and combined with influence (rank by influence, weights from the rank-combined values)
     **{

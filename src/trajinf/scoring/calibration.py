@@ -396,7 +396,7 @@ def store_harm(
         raise TrajinfError(
             f"{calib_store.path}: target trajectory {t_ids[int(np.argmax(pos < 0))]!r} missing"
         )
-    calib = _reorder(calib, pos)
+    calib = subset_source(calib, pos)
     calibration = calibration_scores(
         calib,
         inputs["target"],
@@ -418,8 +418,9 @@ def store_harm(
     return res
 
 
-def _reorder(src: PoolSource, pos: np.ndarray) -> PoolSource:
-    """The trajectories of ``src`` at positions ``pos`` (in that order) with their steps."""
+def subset_source(src: PoolSource, pos: np.ndarray) -> PoolSource:
+    """A :class:`PoolSource` of the trajectories of ``src`` at positions ``pos`` (int [M], in
+    that order) with their steps (e.g. the target in the order its features are read)."""
     new_of_old = np.full(len(src.traj_rows), -1, np.int64)
     new_of_old[pos] = np.arange(len(pos))
     keep = new_of_old[src.step_owner] >= 0

@@ -1,0 +1,166 @@
+"""Which harm signal and which scoring preconditioner detect planted harm (issue 13)?
+
+Recomputes the harm score and calibrated flag of a finished ``trajinf bench --harm`` run for
+every (variant, signal, statistic) from its stores, and prints the harm rows of each
+(``trajinf.bench.harm.harm_report``): planted vs known-good AUROC, the flag's FPR on known-good
+demos and recall on planted ones (exact 95 % intervals), localization top-1.
+
+    python benchmarks/harm_signals.py runs/bench-harm            # both envs, inf + inf-kfac-cos
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import torch
+
+from trajinf.bench.env_bench import BenchConfig
+from trajinf.bench.harm import harm_report
+from trajinf.bench.methods import job_config
+from trajinf.data.trajectories import load_pool
+from trajinf.job.kfac import load_kfac
+from trajinf.scoring.calibration import store_harm
+from trajinf.scoring.directions import directions_from_stores
+from trajinf.selection.export import read_scores
+from trajinf.store.feature_store import FeatureStore
+
+
+def ekfac_precondition(vectors, factors, eig: list, damping: float = 0.1):
+    """EK-FAC in the projected space: per layer, F -> Q_G [(Q_G^T F Q_A) / (L + lambda)] Q_A^T
+    with Q_A, Q_G the eigenbases of the K-FAC factors and L the corrected eigenvalues (mean
+    squared coordinates of the pool's per-trajectory features in that basis, ``eig``),
+    lambda = damping * mean(L)."""
+    v = np.asarray(vectors, np.float64)
+    out = np.empty_like(v)
+    k = next(iter(factors.values()))[0].shape[0]
+    for i, (qa, qg, lam) in enumerate(eig):
+        sl = slice(i * k * k, (i + 1) * k * k)
+        f = v[:, sl].reshape(len(v), k, k)
+        rot = np.einsum("ij,mjk,kl->mil", qg.T, f, qa)
+        rot /= lam + damping * lam.mean()
+        out[:, sl] = np.einsum("ij,mjk,kl->mil", qg, rot, qa.T).reshape(len(v), -1)
+    return out.astype(np.float32)
+
+
+def ekfac_eigen(factors, pool_features: np.ndarray) -> list:
+    """Per layer (Q_A, Q_G, corrected eigenvalues [k, k]) from pool features [N, D]."""
+    k = next(iter(factors.values()))[0].shape[0]
+    res = []
+    for i, (a, g) in enumerate(factors.values()):
+        qa = np.linalg.eigh((a + a.T) / 2)[1]
+        qg = np.linalg.eigh((g + g.T) / 2)[1]
+        f = pool_features[:, i * k * k : (i + 1) * k * k].astype(np.float64).reshape(-1, k, k)
+        rot = np.einsum("ij,mjk,kl->mil", qg.T, f, qa)
+        res.append((qa, qg, (rot**2).mean(0)))
+    return res
+
+
+def ekfac_rows(root: Path, plan, cfg, data, scn) -> dict:
+    """Harm (alignment) and the influence ranking with EK-FAC-preconditioned directions, from
+    the inf-kfac-cos run's stores and K-FAC factors (planted share of the top budget)."""
+    from trajinf.scoring.calibration import calibration_scores, harm_flags, subset_source
+    from trajinf.scoring.directions import prepare_directions, target_directions, target_inputs
+    from trajinf.scoring.scores import score_tables
+    from trajinf.scoring.source import PoolSource, ScoreConfig
+
+    sdir = root / plan.env / "mixed" / "scores" / "inf-kfac-cos"
+    pool = FeatureStore.open(sdir / "store" / "pool")
+    target = FeatureStore.open(sdir / "store" / "target")
+    calib_dir = sdir / "calib" / "store" / "pool"
+    calib = FeatureStore.open(calib_dir) if calib_dir.exists() else target
+    src = PoolSource.from_store(pool)
+    conf = ScoreConfig(subtask_column="family")
+    inputs = target_inputs(target, conf, None)
+    ts = []
+    for c in range(pool.n_checkpoints):
+        factors = load_kfac(sdir / "kfac" / f"ckpt-{c}.npz")[0]
+        eig = ekfac_eigen(factors, src.read(c, src.traj_rows[src.finite]))
+        ts.append(ekfac_precondition(inputs["target"][c], factors, eig))
+    dirs = prepare_directions(
+        src, target_directions(ts, conf, subtasks=inputs["subtasks"], lr=pool.learning_rates), conf
+    )
+    res = score_tables(src, dirs, conf)
+    csrc = PoolSource.from_store(calib)
+    pos = pd.Index(csrc.ids.astype(str)).get_indexer(
+        target.items.query("step == -1 and finite")["id"].astype(str)
+    )
+    cal = calibration_scores(subset_source(csrc, pos), ts, conf, pool=src, signal="alignment",
+                             subtasks=inputs["subtasks"], lr=pool.learning_rates)  # fmt: skip
+    h = harm_flags(src, dirs, conf, cal, alpha=0.05, signal="alignment")
+    table = res.trajectories.merge(h.trajectories[["id", "harm", "harmful"]], on="id")
+    return harm_report(scn.pool, table, res.steps, h.steps, budget=cfg.headline,
+                       families=data.demo.target_families)  # fmt: skip
+
+
+def main(root: Path, variants=("inf", "inf-kfac-cos")) -> dict:
+    torch.set_num_threads(1)
+    cfg = BenchConfig.harm()
+    out: dict = {}
+    for plan in cfg.plans:
+        d = root / plan.env
+        if not (d / "data" / "done").exists():
+            continue
+        # the run's files as they are (build_bench_data would rebuild on a config change)
+        scn = SimpleNamespace(pool=load_pool(d / "data" / "pool_mixed.jsonl"))
+        info = json.loads((d / "data" / "demo.json").read_text())
+        data = SimpleNamespace(
+            demo=SimpleNamespace(target_families=info["target_families"], base_dir=None,
+                                 warm_dir=None)
+        )  # fmt: skip
+        for v in variants:
+            sdir = d / "mixed" / "scores" / v
+            if not (sdir / "scores.parquet").exists():
+                continue
+            jc = job_config(v, proj_dim=cfg.proj_dim, seed=plan.seed, demo=data.demo)
+            pool = FeatureStore.open(sdir / "store" / "pool")
+            target = FeatureStore.open(sdir / "store" / "target")
+            calib_dir = sdir / "calib" / "store" / "pool"
+            calib = FeatureStore.open(calib_dir) if calib_dir.exists() else target
+            kfac = None
+            if jc.scoring.preconditioner == "kfac":
+                kfac = [load_kfac(sdir / "kfac" / f"ckpt-{c}.npz")[0]
+                        for c in range(pool.n_checkpoints)]  # fmt: skip
+            dirs = directions_from_stores(pool, target, jc.scoring, kfac=kfac)
+            scores, steps, _ = read_scores(sdir)
+            for signal in ("surprise", "alignment"):
+                for stat in ("drop", "min"):
+                    h = store_harm(pool, target, calib, dirs, jc.scoring, alpha=0.05,
+                                   statistic=stat, signal=signal, kfac=kfac)  # fmt: skip
+                    table = scores.drop(columns=["harm", "harmful", "worst_step"], errors="ignore")
+                    table = table.merge(h.trajectories[["id", "harm", "harmful"]], on="id")
+                    rep = harm_report(scn.pool, table, steps, h.steps, budget=cfg.headline,
+                                      families=data.demo.target_families)  # fmt: skip
+                    key = f"{plan.env}|{v}|{signal}|{stat}"
+                    out[key] = {**rep, "threshold": h.info["threshold"],
+                                "method": h.info["method"]}  # fmt: skip
+                    print(_line(key, rep), flush=True)
+        if (d / "mixed" / "scores" / "inf-kfac-cos" / "kfac").exists():
+            rep = ekfac_rows(root, plan, cfg, data, scn)
+            out[f"{plan.env}|inf-ekfac-cos|alignment|drop"] = rep
+            print(_line(f"{plan.env}|inf-ekfac-cos|alignment|drop", rep), flush=True)
+    return out
+
+
+def _line(key: str, r: dict) -> str:
+    f, rc, loc = r["fpr_known_good"], r["recall_planted"], r["localization"]
+    return (
+        f"{key:40s} AUROC {r.get('auroc_planted_vs_good', float('nan')):.3f} "
+        f"(same family {r.get('auroc_planted_vs_good_same_family', float('nan')):.3f})  "
+        f"FPR {f['k']}/{f['n']} [{f['ci_exact'][0]:.2f}, {f['ci_exact'][1]:.2f}]  "
+        f"recall {rc['k']}/{rc['n']} [{rc['ci_exact'][0]:.2f}, {rc['ci_exact'][1]:.2f}]  "
+        f"loc one-bad {loc['one_bad_step']['top1']:.2f} (chance "
+        f"{loc['one_bad_step']['chance']:.2f}) planted {loc['planted']['top1']:.2f}  "
+        f"planted share keep/drop/repair {r['planted_share_top']['keep']:.3f}/"
+        f"{r['planted_share_top']['drop']:.3f}/{r['planted_share_top']['repair']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/bench-harm")
+    res = main(root)
+    (root / "harm_signals.json").write_text(json.dumps(res, indent=1, default=str))
