@@ -43,6 +43,7 @@ def test_gguf_loads_as_a_plain_llama_equal_to_the_gguf_load(smollm2_dir, monkeyp
 
     model, tok = load_model("smollm2-135m")
     assert type(model).__name__ == "LlamaForCausalLM"
+    assert getattr(model, "hf_quantizer", None) is None  # a plain model: save_pretrained works
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     gguf = model_load.alias_gguf_path("smollm2-135m")

@@ -165,3 +165,29 @@ def test_dtype_names():
         model_load.resolve_dtype("fp16", "cpu")
     with pytest.raises(TrajinfError, match="fp32, bf16, fp16"):
         model_load.resolve_dtype("int8")
+
+
+def test_score_refuses_dropping_template_and_records_the_override(tmp_path, make_tiny_job):
+    import json
+
+    from typer.testing import CliRunner
+
+    from trajinf.cli.main import app
+    from trajinf.models.load import load_tokenizer
+
+    (tmp_path / "job").mkdir()
+    job = make_tiny_job(tmp_path / "job", n_tasks=4)
+    tok = load_tokenizer(job / "model")
+    tok.chat_template = CONTENT_ONLY  # a model whose own template drops tool calls
+    tok.save_pretrained(job / "model")
+    args = ["score", "--model", str(job / "model"), "--pool", str(job / "pool.jsonl")]
+    args += ["--target", str(job / "target.jsonl"), "--proj-dim", "64", "--seed", "0"]
+    refused = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "s0")])
+    assert isinstance(refused.exception, TemplateError), refused.output
+    assert "--chat-template chatml-tools" in str(refused.exception)
+    ok = CliRunner().invoke(
+        app, [*args, "--out", str(tmp_path / "s1"), "--chat-template", "chatml-tools"]
+    )
+    assert ok.exit_code == 0, ok.output
+    manifest = json.loads((tmp_path / "s1" / "store" / "pool" / "manifest.json").read_text())
+    assert manifest["fingerprint"]["chat_template"] == "chatml-tools"

@@ -38,7 +38,10 @@ def _forwarded(params: dict) -> list[str]:
 @app.command()
 @with_job_options(exclude=SCORING_ONLY)
 def extract(
-    model: Path = typer.Option(..., help="HF save_pretrained directory (model + tokenizer)."),
+    model: Path = typer.Option(
+        ...,
+        help="Model: a save_pretrained dir, a .gguf file, smollm2-135m or a hub id in the local HF cache.",
+    ),
     pool: Path = typer.Option(..., help="Pool trajectories: OpenAI chat or ShareGPT JSONL."),
     out: Path = typer.Option(..., help="Job directory; stores go to OUT/store/{pool,target}."),
     target: Path = typer.Option(None, help="Target trajectories (extracted too if given)."),

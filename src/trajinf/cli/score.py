@@ -16,7 +16,10 @@ from trajinf.selection.select import METHODS
 @app.command()
 @with_job_options()
 def score(
-    model: Path = typer.Option(..., help="HF save_pretrained directory (model + tokenizer)."),
+    model: Path = typer.Option(
+        ...,
+        help="Model: a save_pretrained dir, a .gguf file, smollm2-135m or a hub id in the local HF cache.",
+    ),
     pool: Path = typer.Option(..., help="Pool trajectories: OpenAI chat or ShareGPT JSONL."),
     target: Path = typer.Option(..., help="Target trajectories showing the wanted skill."),
     out: Path = typer.Option(..., help="Output directory."),

@@ -81,6 +81,8 @@ def score_appended(
         lora=config.lora,
         device=resolve_device(config.device),
         trust_remote_code=config.trust_remote_code,
+        dtype=config.dtype,
+        chat_template=config.chat_template,
     )
     mask = load_update_mask(config)
     dim = feature_dim(models[0][0], config.extraction)
@@ -115,7 +117,11 @@ def score_appended(
         )
     known = set(items["id"])
     todo_extract = [by_id[i] for i in redo["id"]] + [t for t in pool_trajs if t.id not in known]
-    tokenizer = load_tokenizer(Path(model_dir), trust_remote_code=config.trust_remote_code)
+    tokenizer = load_tokenizer(
+        Path(model_dir),
+        trust_remote_code=config.trust_remote_code,
+        chat_template=config.chat_template,
+    )
     tokens = tokenize_pool(todo_extract, tokenizer, max_length=config.max_length)
     timings["load_tokenize_s"] = time.perf_counter() - t0
 

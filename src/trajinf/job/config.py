@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 import pandas as pd
 
@@ -60,6 +60,21 @@ class ScoreJobConfig:
     trust_remote_code: bool = field(
         default=False,
         metadata={"help": "Allow model code from the model directory (off: no code from data)."},
+    )
+    dtype: Literal["fp32", "bf16", "fp16"] = field(
+        default="fp32",
+        metadata={
+            "help": "Dtype of the model's weights (fp16 needs a GPU); features and scores stay "
+            "fp32."
+        },
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Replace the model's chat template: chatml-tools, llama3-tools or a Jinja "
+            "file (recorded in the store fingerprint). Templates that drop tool calls are "
+            "refused."
+        },
     )
     update_mask_from: tuple[str, str] | None = field(
         default=None,

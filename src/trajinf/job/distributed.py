@@ -129,6 +129,8 @@ def extract_store(
     device: str = "cpu",
     trust_remote_code: bool = False,
     update_mask: UpdateMask | dict | None = None,
+    dtype: str = "fp32",
+    chat_template: str | None = None,
 ) -> FeatureStore:
     """Extract (or resume extracting) features of ``trajs`` at every checkpoint into a store.
 
@@ -152,7 +154,13 @@ def extract_store(
 
     def prepare() -> tuple[list[tuple], list[dict], dict, int]:
         models, ckpt_info, fp = load_checkpoints(
-            checkpoints, config, lora=lora, device=device, trust_remote_code=trust_remote_code
+            checkpoints,
+            config,
+            lora=lora,
+            device=device,
+            trust_remote_code=trust_remote_code,
+            dtype=dtype,
+            chat_template=chat_template,
         )
         fingerprint = {**fp, "input_sha256": input_digest, "n_items": len(trajs)}
         # always a key (None: no mask), so a masked store refuses an unmasked job and back

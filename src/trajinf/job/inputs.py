@@ -12,7 +12,6 @@ import pandas as pd
 
 from trajinf.data.schema import Trajectory
 from trajinf.data.trajectories import field_value, load_pool
-from trajinf.errors import TrajinfError
 from trajinf.job.cache import cached_tokens
 from trajinf.job.shards import UpdateMask
 
@@ -71,7 +70,9 @@ def load_inputs(
 
     pool_trajs = list(pool) if not isinstance(pool, (str, Path)) else load_pool(pool)
     target_trajs = list(target) if not isinstance(target, (str, Path)) else load_pool(target)
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=config.trust_remote_code)
+    tokenizer = load_tokenizer(
+        model_dir, trust_remote_code=config.trust_remote_code, chat_template=config.chat_template
+    )
     key = tokenizer_fingerprint(tokenizer) if cache is not None else ""
 
     def tokens(name, source, trajs):
@@ -85,15 +86,12 @@ def load_inputs(
     return pool_trajs, target_trajs, pool_tok, target_tok
 
 
-def load_tokenizer(model_dir: Path, *, trust_remote_code: bool):
-    from transformers import AutoTokenizer
+def load_tokenizer(model_dir: Path, *, trust_remote_code: bool, chat_template: str | None = None):
+    """The tokenizer of ``--model`` (a directory, .gguf file, short name or cached hub id), with
+    ``chat_template`` replacing its own (``trajinf.models.load.load_tokenizer``)."""
+    from trajinf.models.load import load_tokenizer as load
 
-    if (
-        not (Path(model_dir) / "config.json").is_file()
-        and not (Path(model_dir) / "adapter_config.json").is_file()
-    ):
-        raise TrajinfError(f"{model_dir}: not a model directory (no config.json)")
-    return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    return load(model_dir, chat_template=chat_template, trust_remote_code=trust_remote_code)
 
 
 def with_meta(traj: pd.DataFrame, pool_trajs: Sequence[Trajectory]) -> pd.DataFrame:

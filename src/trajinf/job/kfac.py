@@ -101,6 +101,8 @@ def job_kfac_factors(
         lora=config.lora,
         device=device,
         trust_remote_code=config.trust_remote_code,
+        dtype=config.dtype,
+        chat_template=config.chat_template,
     )
     for c, (model, _tok, state) in enumerate(models):
         if found[c] is None:

@@ -93,6 +93,8 @@ def extract_job(
         rank=ctx,
         device=device,
         trust_remote_code=config.trust_remote_code,
+        dtype=config.dtype,
+        chat_template=config.chat_template,
     )
     stores = {}
     for name, trajs, toks, src, cfg in (

@@ -202,12 +202,21 @@ def load_checkpoints(
     lora: bool,
     device: str,
     trust_remote_code: bool,
+    dtype: str = "fp32",
+    chat_template: str | None = None,
 ) -> tuple[list[tuple], list[dict], dict]:
     """Models (with optimizer state) of every checkpoint, their manifest entries, and the
-    fingerprint keys that identify the features (models, tokenizer, tracked modules, config)."""
+    fingerprint keys that identify the features (models, tokenizer, tracked modules, config;
+    the chat template override by name, when given; its text is in the tokenizer's)."""
     ckpt_info, models = [], []
     for c in checkpoints:
-        model, tok = load_model(c, lora=lora, trust_remote_code=trust_remote_code)
+        model, tok = load_model(
+            c,
+            lora=lora,
+            trust_remote_code=trust_remote_code,
+            dtype=dtype,
+            chat_template=chat_template,
+        )
         model.to(device)
         state = load_checkpoint_state(c)
         lr = float(state.learning_rate) if state is not None else 1.0
@@ -229,4 +238,6 @@ def load_checkpoints(
         "modules": [m.name for m in tracked_modules(models[0][0], config.modules)],
         "extraction": extraction,
     }
+    if chat_template:
+        fingerprint["chat_template"] = chat_template
     return models, ckpt_info, fingerprint

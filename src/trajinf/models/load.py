@@ -53,6 +53,7 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
 #: ``--dtype`` names -> torch dtypes (the weights' dtype; features and scores stay fp32).
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _CONVERTED_META = "trajinf_converted.json"
+_CONVERSION = 2  # bump when the conversion changes: cached copies are then converted again
 
 
 def cache_root() -> Path:
@@ -159,16 +160,15 @@ def _file_sha256(path: Path) -> str:
 def converted_gguf_dir(gguf: str | Path, *, cache: str | Path | None = None) -> Path:
     """The ``save_pretrained`` copy of a GGUF file, converted on first use (about 20 s).
 
-    The copy lives in ``cache/models/<stem>-<key>`` where key hashes the file's content and the
-    transformers version (a newer dequantizer converts again). It is written to a temporary
+    The copy lives in ``cache/models/<stem>-<key>`` where key hashes the file's content, the
+    transformers version (a newer dequantizer converts again) and the conversion's version. It is written to a temporary
     directory and renamed, so an interrupted conversion leaves nothing half-written.
     """
     import transformers
 
     gguf = Path(gguf)
-    key = hashlib.sha256(f"{_file_sha256(gguf)}|{transformers.__version__}".encode()).hexdigest()[
-        :16
-    ]
+    stamp = f"{_file_sha256(gguf)}|{transformers.__version__}|{_CONVERSION}"
+    key = hashlib.sha256(stamp.encode()).hexdigest()[:16]
     root = Path(cache) if cache is not None else cache_root()
     out = root / "models" / f"{gguf.stem}-{key}"
     if (out / _CONVERTED_META).is_file():
@@ -204,7 +204,9 @@ def _dequantize(gguf: Path):
     kw = {"gguf_file": gguf.name}
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
-    config = AutoConfig.for_model(**loaded.config.to_dict())
+    settings = loaded.config.to_dict()
+    settings.pop("quantization_config", None)  # the copy is a plain fp32 model
+    config = AutoConfig.for_model(**settings)
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict(), assign=True)
