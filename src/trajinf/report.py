@@ -313,9 +313,15 @@ def _message_text(m: dict) -> str:
     return text
 
 
-def trajectory_html(traj: Trajectory, steps: dict[int, float], max_chars: int = 300) -> str:
-    """Messages of one trajectory, actions colored by their step score (red below zero) and
-    known bad steps outlined in red."""
+def trajectory_html(
+    traj: Trajectory,
+    steps: dict[int, float],
+    max_chars: int = 300,
+    *,
+    flagged: frozenset[int] | set[int] = frozenset(),
+) -> str:
+    """Messages of one trajectory, actions colored by their step score (red below zero), known
+    bad steps outlined in red, and ``flagged`` steps (the harm flag's bad steps) tagged."""
     parts, k = [], 0
     bad = known_bad_steps(traj)
     for m in traj.messages:
@@ -328,6 +334,9 @@ def trajectory_html(traj: Trajectory, steps: dict[int, float], max_chars: int = 
             if k in bad:
                 cls += " bad"
                 tag += " <span class='badtag'>known bad step</span>"
+            if k in flagged:
+                cls += "" if k in bad else " bad"
+                tag += " <span class='badtag'>harm: bad step</span>"
             parts.append(f"<div class='msg {cls}'><b>{role} step {k}{tag}</b>: {text}</div>")
             k += 1
         elif role != "system":
@@ -462,8 +471,54 @@ def write_score_report(
     tokenizer = tokenizer if tokenizer is not None else _job_tokenizer(scores_dir)
     body = [_score_sentence(scores, trajs)]
     body += score_report_body(scores, steps, trajs, top=top, tokenizer=tokenizer)
+    body += harm_section(scores_dir, scores, steps, trajs, top=top)
     write_html(page("trajinf influence report", body), out)
     return Path(out)
+
+
+def harm_section(
+    scores_dir: Path,
+    scores: pd.DataFrame,
+    step_scores: pd.DataFrame,
+    trajs: Sequence[Trajectory],
+    *,
+    top: int = 10,
+) -> list[str]:
+    """The flagged trajectories (most harmful first) with the harm flag's bad steps tagged,
+    from the scoring job's ``harm_steps.parquet`` and ``job.json["harm"]`` (nothing when the
+    job has no harm scores)."""
+    path = scores_dir / "harm_steps.parquet"
+    if not path.exists() or "harm" not in scores.columns:
+        return []
+    info = json.loads((scores_dir / "job.json").read_text()).get("harm") or {}
+    hs = pd.read_parquet(path)
+    bad = {i: set(g.loc[g["bad"], "step"].astype(int)) for i, g in hs.groupby("id")}
+    flagged = scores[scores["harmful"].fillna(False).astype(bool)]
+    flagged = flagged.sort_values("harm", ascending=False).head(top)
+    by_id = {t.id: t for t in trajs}
+    steps = {i: dict(zip(g["step"], g["score"], strict=True)) for i, g in step_scores.groupby("id")}
+    body = [
+        "<h2>Flagged as harmful</h2>",
+        f"<p>{int(scores['harmful'].fillna(False).sum())} of {len(scores)} trajectories flagged: "
+        f"their harm (the largest drop of one step's {html.escape(str(info.get('signal')))} "
+        "below the rest of its trajectory) is above "
+        f"{info.get('threshold', float('nan')):.3g}, the level-{info.get('alpha')} threshold "
+        f"calibrated on {info.get('n_calibration')} target trajectories scored leave-one-out "
+        f"({html.escape(str(info.get('method')))}). Steps tagged <span class='badtag'>harm: bad "
+        "step</span> exceed it on their own; <code>trajinf select --repair</code> weights them "
+        "0 and keeps the rest.</p>",
+    ]
+    rows = []
+    for r in flagged.itertuples(index=False):
+        t = by_id.get(r.id)
+        text = trajectory_html(t, steps.get(r.id, {}), flagged=bad.get(r.id, set())) if t else ""
+        rows.append(
+            [str(r.id), Raw(f"{r.harm:.3g}"), Raw(f"{r.harm_p:.3g}"),
+             ", ".join(map(str, sorted(bad.get(r.id, ())))), Raw(text)]
+        )  # fmt: skip
+    if rows:
+        body.append(html_table(("id", "harm", "p", "bad steps", "trajectory"), rows))
+    return body
 
 
 def _score_sentence(scores: pd.DataFrame, trajs: Sequence[Trajectory]) -> str:
@@ -608,7 +663,12 @@ def write_demo_report(
         f"pool, {results['seeds']} seeds, target families "
         f"{html.escape(', '.join(results['target_families']))}; base agent success "
         f"{results.get('base_success_rate', float('nan')):.3f} before any selection. Runtime "
-        f"{results['runtime_s']['total_s']:.0f} s wall."
+        f"{results['runtime_s']['total_s']:.0f} s wall"
+        + (
+            f", {results['runtime_s']['cpu_s']:.0f} s CPU."
+            if "cpu_s" in results["runtime_s"]
+            else "."
+        )
     )
     body = [
         f"<p class='lead'>{html.escape(demo_sentence(results))}</p>",

@@ -81,8 +81,14 @@ def train(
     ),
     out: Path = typer.Option(..., help="Output model directory (save_pretrained)."),
     base: Path = typer.Option(
-        None, help="Model dir to start from; omit for a tiny model from scratch."
+        None,
+        help="Model to start from (save_pretrained dir, .gguf file, smollm2-135m, cached hub "
+        "id); omit for a tiny model from scratch.",
     ),
+    chat_template: str = typer.Option(
+        None, help="Replace --base's chat template: chatml-tools, llama3-tools or a Jinja file."
+    ),
+    dtype: str = typer.Option("fp32", help="Weights' dtype of --base: fp32 | bf16 | fp16 (GPU)."),
     epochs: int = typer.Option(3),
     lr: float = typer.Option(None, help="Peak learning rate (default: the demo's)."),
     lora: bool = typer.Option(False, help="Train LoRA adapters (peft) instead of all weights."),
@@ -107,7 +113,7 @@ def train(
             tok, seed=seed, **{k: v for k, v in DEMO_MODEL.items() if k != "vocab_size"}
         )
     else:
-        model, tok = load_model(base, lora=lora)
+        model, tok = load_model(base, lora=lora, dtype=dtype, chat_template=chat_template)
     cfg = replace(DEMO_TRAIN, epochs=epochs, seed=seed, lora=lora and base is None)
     if lr is not None:
         cfg = replace(cfg, lr=lr)
@@ -121,7 +127,7 @@ def train(
             n_checkpoints=checkpoints,
             progress=bars("train steps", None),
         )
-    model.save_pretrained(out)
+    res.model.save_pretrained(out)  # a peft model when train_sft added the LoRA
     tok.save_pretrained(out)
     console.print(f"trained on {len(trajs)} trajectories -> {out}; checkpoints: {res.checkpoints}")
 
@@ -165,17 +171,31 @@ def demo(
         False, help="Small TextWorld Express slice, 2 seeds (about 3 min on 2 cores)."
     ),
     budget: float = typer.Option(None, help="Selection budget as a fraction of the pool."),
+    model: str = typer.Option(
+        None,
+        help="A pretrained agent (smollm2-135m, a .gguf file, a save_pretrained dir): the "
+        "real-agent preset (LoRA, 2 CPU cores; see docs/benchmarks.md).",
+    ),
+    chat_template: str = typer.Option(
+        None, help="With --model: its chat template (default chatml-tools, or a Jinja file)."
+    ),
 ) -> None:
     """The whole loop: rollouts -> warmup -> influence -> selections -> retrain -> success.
 
     Ends with the result table (every method, including the task-matched baselines) and the
     result in one sentence; report.html has the same and the evidence behind it.
 
-    Example:  trajinf demo --quick --out demo-out
+    Examples:  trajinf demo --quick --out demo-out
+               trajinf demo --model smollm2-135m --out demo-real
     """
-    from trajinf.loop.demo import DemoConfig, run_demo
+    from trajinf.loop.demo import DemoConfig, real_agent_config, run_demo
 
-    cfg = DemoConfig.quick() if quick else DemoConfig.default()
+    if model is not None:
+        cfg = real_agent_config(model)
+        if chat_template is not None:
+            cfg = replace(cfg, chat_template=chat_template)
+    else:
+        cfg = DemoConfig.quick() if quick else DemoConfig.default()
     over = {"env": env, "seeds": seeds, "budget": budget}
     cfg = replace(cfg, **{k: v for k, v in over.items() if v is not None})
     with progress_bars() as bars:
@@ -194,7 +214,8 @@ def demo(
         f"{res['base_step_agreement']:.3f}"
     )
     console.print(
-        f"runtime: {res['runtime_s']['total_s']:.0f}s -> {out}/results.json, {out}/report.html"
+        f"runtime: {res['runtime_s']['total_s']:.0f} s wall, {res['runtime_s']['cpu_s']:.0f} s CPU"
+        f" -> {out}/results.json, {out}/report.html"
     )
     out_console = Console()  # the table and the result go to stdout; logs and bars to stderr
     out_console.print(table)

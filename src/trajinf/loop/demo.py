@@ -64,7 +64,9 @@ class DemoConfig:
     with_tools: bool = False  # tool schemas in the prompt double the tokens; calls stay
     methods: tuple[str, ...] = METHODS
     threads: int = 1  # tiny models are op-overhead bound: 1 thread is as fast, and robust to load
-    workers: int = 1  # processes for the (method, seed) fine-tune + evaluate cells
+    # processes for the (method, seed) fine-tune + evaluate cells; > 1 spawns them, so a script
+    # that calls run_demo needs the usual `if __name__ == "__main__":` guard
+    workers: int = 1
     seed: int = 0
     model: dict = field(default_factory=dict)  # overrides of the tiny model config
     # a pretrained agent instead of a tiny one (``real()``): --model spec, template, LoRA, policy
@@ -144,6 +146,16 @@ def real_agent_config(model: str = "smollm2-135m", **kw) -> DemoConfig:
     return DemoConfig(**{**base, **kw})
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    me, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def run_demo(
     config: DemoConfig,
     out: str | Path,
@@ -157,7 +169,7 @@ def run_demo(
     # a demo run rebuilds its models: old stores and selections would not match
     for sub in ("models", "scores", "selections"):
         shutil.rmtree(out / sub, ignore_errors=True)
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), _cpu_seconds()
     timings: dict[str, float] = {}
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -253,6 +265,9 @@ def run_demo(
     seconds = {m: [c["seconds"] for c in v] for m, v in ordered.items()}
     timings["retrain_eval_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
+    # CPU of this process and its finished children (workers, JVMs): the run's size on any
+    # machine, where wall time depends on what else runs
+    timings["cpu_s"] = _cpu_seconds() - cpu_start
 
     methods = {
         m: {
