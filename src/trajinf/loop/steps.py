@@ -97,18 +97,11 @@ def build_demo_data(env, config, out: Path, *, progress=None, log: Log = print) 
         log(f"env {env.name} has no re-planning expert: no planted-harmful trajectories")
     base_demos = roll(base_tasks, ExpertPolicy(), "base")
 
-    tokenizer = train_tokenizer(
-        tokenizer_corpus(target + expert + noisy + planted + base_demos),
-        vocab_size=DEMO_MODEL["vocab_size"],
-    )
-    model_kw = {k: v for k, v in {**DEMO_MODEL, **config.model}.items() if k != "vocab_size"}
-    model = tiny_model(tokenizer, seed=config.seed, **model_kw)
-
+    model, tokenizer = base_agent(target + expert + noisy + planted + base_demos, config)
     seed_set = base_demos
-    log(f"base agent: training on {len(seed_set)} expert demos of tasks outside the pool")
-    train_sft(
-        model, tokenizer, seed_set, replace(DEMO_TRAIN, epochs=config.base_epochs, seed=config.seed)
-    )
+    if seed_set and config.base_epochs > 0:
+        log(f"base agent: training on {len(seed_set)} expert demos of tasks outside the pool")
+        train_sft(model, tokenizer, seed_set, train_config(config, config.base_epochs, config.seed))
     base_dir = out / "models" / "base"
     model.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
@@ -118,8 +111,14 @@ def build_demo_data(env, config, out: Path, *, progress=None, log: Log = print) 
         f"expert-step agreement {base_success['step_agreement']:.3f}"
     )
 
-    self_policy = ModelPolicy(model, tokenizer, mode="rank", temperature=1.0, seed=config.seed)
-    selfr = roll(pool_tasks, self_policy, "self", n_per_task=config.self_per_task)
+    self_policy = ModelPolicy(
+        model, tokenizer, mode="rank", temperature=1.0, seed=config.seed, **policy_options(config)
+    )
+    selfr = (
+        roll(pool_tasks, self_policy, "self", n_per_task=config.self_per_task)
+        if config.self_per_task > 0
+        else []
+    )
     pool = expert + noisy + planted + selfr
 
     warm_set = rng.sample(pool, max(2, round(config.warmup_fraction * len(pool))))
@@ -131,7 +130,7 @@ def build_demo_data(env, config, out: Path, *, progress=None, log: Log = print) 
         warm_model,
         tokenizer,
         warm_set,
-        replace(DEMO_TRAIN, epochs=config.warmup_checkpoints, seed=config.seed),
+        train_config(config, config.warmup_checkpoints, config.seed),
         checkpoint_dir=out / "models" / "warmup",
         n_checkpoints=config.warmup_checkpoints,
     )
@@ -195,6 +194,32 @@ def select_for_method(
     )
 
 
+def base_agent(texts: Sequence[Trajectory], config):
+    """(model, tokenizer) before any training: the pretrained ``config.pretrained`` (with its
+    ``chat_template`` override), or a tiny model on a tokenizer trained on ``texts``."""
+    pretrained = getattr(config, "pretrained", None)
+    if pretrained:
+        return load_model(pretrained, chat_template=getattr(config, "chat_template", None))
+    tokenizer = train_tokenizer(tokenizer_corpus(texts), vocab_size=DEMO_MODEL["vocab_size"])
+    model_kw = {k: v for k, v in {**DEMO_MODEL, **config.model}.items() if k != "vocab_size"}
+    return tiny_model(tokenizer, seed=config.seed, **model_kw), tokenizer
+
+
+def train_config(config, epochs: int, seed: int):
+    """The demo's TrainConfig with ``epochs``, ``seed`` and the config's LoRA / lr choices."""
+    out = replace(DEMO_TRAIN, epochs=epochs, seed=seed, lora=bool(getattr(config, "lora", False)))
+    lr = getattr(config, "lr", None)
+    return replace(out, lr=lr) if lr else out
+
+
+def policy_options(config) -> dict:
+    """ModelPolicy keywords of a demo config (KV cache across steps, history window)."""
+    return {
+        "reuse_cache": bool(getattr(config, "reuse_cache", False)),
+        "history_window": getattr(config, "history_window", None),
+    }
+
+
 def selection_composition(ids: Sequence[str], by_id: dict[str, Trajectory]) -> dict:
     """What a selection holds: counts by family and by source (planted apart), and how many
     are labelled successful; ``by_id`` maps pool ids to trajectories."""
@@ -219,7 +244,7 @@ def finetune(data: DemoData, chosen: Sequence[Trajectory], config, *, seed: int)
     """
     model, tokenizer = load_model(data.base_dir)
     epochs = max(1, math.ceil(config.finetune_steps * DEMO_TRAIN.batch_size / max(1, len(chosen))))
-    train_sft(model, tokenizer, list(chosen), replace(DEMO_TRAIN, epochs=epochs, seed=seed))
+    train_sft(model, tokenizer, list(chosen), train_config(config, epochs, seed))
     return model, tokenizer
 
 
@@ -278,8 +303,10 @@ def run_cells(jobs: Sequence[dict], workers: int, env=None):
 
 def evaluate_model(env, model, tokenizer, families: Sequence[str], config) -> dict:
     """Greedy rank-mode success on the fixed held-out test tasks of ``families``."""
-    policy = ModelPolicy(model, tokenizer, mode="rank", temperature=0.0)
+    policy = ModelPolicy(model, tokenizer, mode="rank", temperature=0.0, **policy_options(config))
     tasks = dict(split="test", n_tasks=config.n_test_tasks, seed=config.seed, families=families)
+    if getattr(config, "max_steps", None):
+        tasks["max_steps"] = config.max_steps
     out = evaluate_policy(env, policy, with_tools=config.with_tools, **tasks).to_dict()
     out["step_agreement"] = expert_step_agreement(
         env, policy, with_tools=config.with_tools, **tasks
