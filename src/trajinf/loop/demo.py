@@ -117,7 +117,7 @@ def real_agent_config(model: str = "smollm2-135m", **kw) -> DemoConfig:
     """The loop with a pretrained agent (SmolLM2-135M-Instruct by default), sized for 2 CPU
     cores: TextWorld Express, the pretrained model as the base agent (no base training, no
     self rollouts), ChatML with tool calls, LoRA warmup and fine-tunes, the policy's KV cache
-    across steps, 8 held-out test episodes of at most 12 steps, 3 seeds, 5 methods.
+    across steps, 6 held-out test episodes of at most 10 steps, 3 seeds, 4 methods.
     See docs/benchmarks.md ("Real model: SmolLM2-135M") for its measured time."""
     base = dict(
         env="twx",
@@ -128,20 +128,20 @@ def real_agent_config(model: str = "smollm2-135m", **kw) -> DemoConfig:
         reuse_cache=True,
         seeds=3,
         budget=0.2,
-        n_train_tasks=16,
+        n_train_tasks=12,
         n_target_per_family=2,
-        n_test_tasks=8,
-        max_steps=12,
+        n_test_tasks=6,
+        max_steps=10,
         n_base_tasks=0,
         base_epochs=0,
         self_per_task=0,
         noisy_levels=(0.5,),
         warmup_fraction=0.2,
         warmup_checkpoints=2,
-        finetune_steps=4,
+        finetune_steps=3,
         proj_dim=1024,
         workers=2,
-        methods=("influence", "random", "task-random", "success", "full"),
+        methods=("influence", "random", "success", "full"),
     )
     return DemoConfig(**{**base, **kw})
 
