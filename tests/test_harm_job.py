@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -112,3 +113,25 @@ def test_append_flags_new_rows_at_the_stored_calibration(job):
     np.testing.assert_array_equal(new["harmful"], new["harm"] > before["threshold"])
     steps = pd.read_parquet(d / "scores" / "harm_steps.parquet")
     assert set(steps["id"]) == {t.id for t in pool + extra}
+
+
+def test_report_lists_flagged_trajectories_with_their_bad_steps(job, tmp_path):
+    import shutil
+
+    from trajinf.report import harm_section, write_score_report
+
+    d, _, pool, _, _, _ = job
+    text = write_score_report(d / "scores", d / "pool.jsonl", tmp_path / "r.html").read_text()
+    assert "Flagged as harmful" in text
+    # a constructed flag: trajectory 0 flagged with its step 1 bad
+    shutil.copy(d / "scores" / "job.json", tmp_path / "job.json")
+    scores = pd.read_parquet(d / "scores" / "scores.parquet")
+    steps = pd.read_parquet(d / "scores" / "step_scores.parquet")
+    hs = pd.read_parquet(d / "scores" / "harm_steps.parquet")
+    first = pool[0].id
+    scores["harmful"] = scores["id"] == first
+    hs["bad"] = (hs["id"] == first) & (hs["step"] == 1)
+    hs.to_parquet(tmp_path / "harm_steps.parquet")
+    html = "".join(harm_section(tmp_path, scores, steps, pool))
+    assert first in html and html.count("harm: bad step") == 2  # the legend and step 1
+    assert re.search(r"step 1 \[[^\]]*\] <span class='badtag'>harm: bad step", html)
