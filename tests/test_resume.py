@@ -81,7 +81,8 @@ def test_rerun_reuses_tokens_embeddings_and_statistics(job, tmp_path, monkeypatc
                    config=config(max_length=512))  # fmt: skip
 
 
-def test_statistics_killed_midway_keep_finished_embedding_shards(job, tmp_path, monkeypatch):
+def test_statistics_killed_midway_keep_finished_embedding_blocks(job, tmp_path, monkeypatch):
+    monkeypatch.setattr(stats_mod, "EMBEDDING_BLOCK_ITEMS", 4)  # 20 pool items: 5 blocks
     out = tmp_path / "killed"
     real = stats_mod.hidden_state_embeddings
     calls = []
@@ -96,15 +97,20 @@ def test_statistics_killed_midway_keep_finished_embedding_shards(job, tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         score_pool(job / "model", job / "pool.jsonl", job / "target.jsonl", out, config=config())
     assert len(list((out / CACHE_DIR / "embeddings").glob("*/shard-*.npy"))) == 2
-    n_shards = 5  # 20 pool items / shard_items 4
+    n_blocks = 5
     calls.clear()
     monkeypatch.setattr(stats_mod, "hidden_state_embeddings", real)
     monkeypatch.setattr(stats_mod, "hidden_state_embeddings", lambda m, it, *a, **k: (
         calls.append(len(it)) or real(m, it, *a, **k)))  # fmt: skip
     score_pool(job / "model", job / "pool.jsonl", job / "target.jsonl", out, config=config())
-    assert len(calls) == n_shards - 2  # only the shards the killed run had not finished
-    for name in OUTPUTS:
+    assert len(calls) == n_blocks - 2  # only the blocks the killed run had not finished
+    for name in OUTPUTS[:2]:
         assert (out / name).read_bytes() == (job / "ref" / name).read_bytes(), name
+    # embeddings do not depend on the block (length-bucketed batches, causal attention)
+    got = pd.read_parquet(out / "statistics.parquet")
+    ref = pd.read_parquet(job / "ref" / "statistics.parquet")
+    np.testing.assert_allclose(got["rds"], ref["rds"], atol=1e-6)
+    pd.testing.assert_frame_equal(got.drop(columns="rds"), ref.drop(columns="rds"))
 
 
 def test_statistics_are_recomputed_when_a_store_changes(job, tmp_path):
