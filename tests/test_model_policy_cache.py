@@ -19,6 +19,10 @@ from trajinf.models.tiny import tiny_model
 ITEMS = ("apple", "key", "coin", "lamp", "front door")
 
 
+def _many(n: int) -> list[str]:
+    return [f"take thing{i}" for i in range(n)]
+
+
 class CallEnv:
     """Actions ``take X`` are tool calls answered by tool messages."""
 
@@ -68,6 +72,12 @@ def test_cache_across_steps_matches_full_scoring(chatml_tokenizer, history_windo
         assert all(_CACHE_NOTE in ep.notes for ep in eps)
         for k, ep in enumerate(eps):
             _advance(ep, ep.valid_actions[(step + k) % len(ep.valid_actions)], step)
+    # more candidates than one chunk of the cache path
+    for ep in eps:
+        ep.valid_actions = _many(37)
+    ref = full.score_actions(copy.deepcopy(eps))
+    for g, r in zip(cached.score_actions(eps), ref, strict=True):
+        np.testing.assert_allclose(g, r, atol=1e-4)
     # the cache holds exactly the last prompt's tokens
     ids, cache = eps[0].notes[_CACHE_NOTE]
     assert cache.get_seq_length() == len(ids)

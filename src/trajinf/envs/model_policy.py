@@ -22,6 +22,7 @@ from trajinf.train.sft import base_forward, supports_logits_to_keep, token_logpr
 
 # End-of-turn markers of the chat templates trajinf ships (ChatML, Llama 3); generation stops there.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>")
+_CANDIDATE_CHUNK = 16  # candidates scored together from one episode's cache (memory bound)
 _CACHE_NOTE = "model_policy_kv"  # EpisodeState.notes key of an episode's prompt KV cache
 _TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
@@ -283,8 +284,11 @@ class ModelPolicy:
         episode.notes[_CACHE_NOTE] = (list(prompt_ids), cache)
         first = torch.log_softmax(pre.logits[:, -1].float(), dim=-1)  # [1, V]
         p_attn = torch.ones((1, len(prompt_ids)), dtype=torch.long, device=dev)
-        # the candidates extend a copy: the episode's cache must stay the prompt's
-        self._score_suffixes([(e, prompt_ids, cands)], copy.deepcopy(cache), first, p_attn, out)
+        # the candidates extend a copy (the episode's cache must stay the prompt's), in chunks:
+        # each candidate holds its own copy of the history's keys and values
+        for start in range(0, len(cands), _CANDIDATE_CHUNK):
+            chunk = [(e, prompt_ids, cands[start : start + _CANDIDATE_CHUNK])]
+            self._score_suffixes(chunk, copy.deepcopy(cache), first, p_attn, out)
 
     def _score_from_prefix(self, groups: list, out: list[np.ndarray]) -> None:
         """Score the candidate suffixes of ``groups`` [(episode, prompt ids, [(c, ids, mask)])]

@@ -77,6 +77,7 @@ class DemoConfig:
     reuse_cache: bool = False  # model policy keeps each episode's KV cache across steps
     history_window: int | None = None  # model policy sees the last N steps (None: all)
     max_steps: int | None = None  # evaluation episodes stop after N steps (None: the env's)
+    batch_tokens: int | None = None  # padded tokens per training / extraction batch (memory)
 
     @classmethod
     def default(cls, **kw) -> DemoConfig:
@@ -139,6 +140,7 @@ def real_agent_config(model: str = "smollm2-135m", **kw) -> DemoConfig:
         warmup_fraction=0.2,
         warmup_checkpoints=2,
         finetune_steps=3,
+        batch_tokens=2048,  # 8192 (the tiny default) takes ~15 GB with a 135M model
         proj_dim=1024,
         workers=2,
         methods=("influence", "random", "success", "full"),
@@ -196,6 +198,7 @@ def run_demo(
         subtask_field="family",
         seed=config.seed,
         max_length=None,
+        **({"batch_tokens": config.batch_tokens} if config.batch_tokens else {}),
     )
     scored = score_pool(
         data.warm_dir,

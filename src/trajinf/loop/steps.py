@@ -208,6 +208,8 @@ def base_agent(texts: Sequence[Trajectory], config):
 def train_config(config, epochs: int, seed: int):
     """The demo's TrainConfig with ``epochs``, ``seed`` and the config's LoRA / lr choices."""
     out = replace(DEMO_TRAIN, epochs=epochs, seed=seed, lora=bool(getattr(config, "lora", False)))
+    if getattr(config, "batch_tokens", None):
+        out = replace(out, batch_tokens=config.batch_tokens)
     lr = getattr(config, "lr", None)
     return replace(out, lr=lr) if lr else out
 
