@@ -174,6 +174,7 @@ def _results(pool):
                 "success_rate_mean": float(np.mean(v)),
                 "success_rate_std": float(np.std(v, ddof=1)),
                 "per_seed": v,
+                "per_family": [{"cook": 0.5, "unlock": 0.25}] * 2,
                 "step_agreement_mean": 0.5,
                 "step_agreement_std": 0.1,
                 "n_selected": 3,
@@ -231,6 +232,7 @@ def test_demo_report_tables_sentence_bad_steps_and_action_mask(
         "3 / 1",
         "cook 2, unlock 1 / cook 3",
         "expert 3 / noisy 3",
+        "cook 0.50, unlock 0.25 / cook 0.50, unlock 0.25",
     ] in chosen
     html = path.read_text()
     assert "known bad step" in html  # bad steps highlighted in the per-step tables

@@ -603,8 +603,9 @@ def detection_rows(harm: Mapping) -> list[list]:
 
 
 def selection_rows(results: dict) -> list[list]:
-    """Per method: what it selected (families, sources, labelled successes), seeds joined by
-    " / " (``results["methods"][m]["selected"]``, one dict per seed)."""
+    """Per method: what it selected (families, sources, labelled successes) and the retrained
+    agent's held-out success per target family, seeds joined by " / "
+    (``results["methods"][m]["selected"]`` and ``["per_family"]``, one dict per seed)."""
 
     def counts(d: dict) -> str:
         return ", ".join(f"{k} {v}" for k, v in sorted(d.items(), key=lambda kv: -kv[1]))
@@ -621,6 +622,10 @@ def selection_rows(results: dict) -> list[list]:
                 " / ".join(str(x["labelled_success"]) for x in sel),
                 " / ".join(counts(x["families"]) for x in sel),
                 " / ".join(counts(x["sources"]) for x in sel),
+                " / ".join(
+                    ", ".join(f"{f} {v:.2f}" for f, v in fam.items())
+                    for fam in r.get("per_family") or []
+                ),
             ]
         )
     return rows
@@ -685,7 +690,7 @@ def write_demo_report(
         *_paired_section(results.get("paired_tests", {})),
         "<h2>What each method selected</h2>",
         html_table(
-            ("method", "selected", "labelled success", "families", "sources"),
+            ("method", "selected", "labelled success", "families", "sources", "success by family"),
             selection_rows(results),
             caption="seeds separated by / (the target families are "
             + ", ".join(results["target_families"])
