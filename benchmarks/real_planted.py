@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n-pool", type=int, default=12, help="pool tasks (one helpful + one planted)")
     ap.add_argument("--n-target", type=int, default=6)
     ap.add_argument("--proj-dim", type=int, default=2048)
+    ap.add_argument("--batch-tokens", type=int, default=2048, help="8192 takes ~15 GB here")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
                 seed=args.seed,
                 chat_template=template,
                 max_length=None,
+                batch_tokens=args.batch_tokens,
             )
             t0 = time.perf_counter()
             try:
