@@ -116,6 +116,22 @@ def test_sentence_when_nothing_won():
     assert top.startswith("No single method won: influence, rds tied at 0.400")
 
 
+def test_sentence_methods_equal_on_every_seed_win_together():
+    per_seed = {
+        "influence-drop-harmful": [0.5, 0.375, 0.6875],
+        "influence": [0.5, 0.375, 0.6875],
+        "rds": [0.3125, 0.375, 0.375],
+        "random": [0.0, 0.0, 0.0],
+    }
+    s = result_sentence(per_seed)
+    p = stats.ttest_rel(per_seed["influence"], per_seed["rds"]).pvalue
+    assert s.startswith(
+        "influence (and influence-drop-harmful: the same on every seed) won with 0.521 held-out "
+        "success against 0.354 for the next best, rds (+0.167, ahead on 2 of 3 seeds; "
+        f"paired t-test p = {p:.3f}"
+    )
+
+
 def test_fmt_p_and_table_escape():
     assert fmt_p(None).startswith("undefined")
     assert fmt_p(0.0312) == "0.031"

@@ -134,9 +134,10 @@ def result_sentence(
     """One sentence stating which method won, by how much and with what p-value.
 
     ``per_seed``: method -> its value per seed (same seed order for every method). The winner
-    is the highest mean; it is compared with the next best by a paired t-test over seeds. When
-    no method is ahead (all tied), the sentence says so. When ``subject`` did not win, its
-    mean is added so a reader sees where it stands.
+    is the highest mean; it is compared with the next best by a paired t-test over seeds.
+    Methods tied at the top with the same value on every seed win together (``subject`` named
+    first); tied means with different seeds, or all methods tied, give "No ... method won".
+    When ``subject`` is neither winner nor runner-up, its mean and rank are added.
     """
     per_seed = {m: list(v) for m, v in per_seed.items() if len(v)}
     if not per_seed:
@@ -157,18 +158,22 @@ def result_sentence(
             f"{means[ranked[0]]:.3f} over {n} seeds."
         )
     named = set(top)
-    if len(top) > 1:
+    same = all(np.allclose(per_seed[m][:n], per_seed[top[0]][:n]) for m in top)
+    if not same:
         out = (
             f"No single method won: {', '.join(top)} tied at {means[top[0]]:.3f} {metric} "
             f"(n = {n} seeds)"
         )
-    else:
-        w, r = ranked[0], ranked[1]
+    else:  # methods with the same value on every seed win together (e.g. nothing was dropped)
+        w = subject if subject in top else top[0]
+        r = ranked[len(top)]
         named.add(r)
+        others = [m for m in top if m != w]
+        who = w if not others else f"{w} (and {', '.join(others)}: the same on every seed)"
         diff, p, k, ahead = _paired(per_seed[w], per_seed[r])
         sig = "significant" if p is not None and p < 0.05 else "not significant"
         out = (
-            f"{w} won with {means[w]:.3f} {metric} against {means[r]:.3f} for the next best, "
+            f"{who} won with {means[w]:.3f} {metric} against {means[r]:.3f} for the next best, "
             f"{r} ({diff:+.3f}, ahead on {ahead} of {k} seeds; paired t-test p = {fmt_p(p)}, "
             f"{sig} at 0.05)"
         )

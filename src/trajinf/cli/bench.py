@@ -68,14 +68,19 @@ def bench(
 
 def _print_result(res: dict) -> None:
     """The headline table and one sentence per scenario, on stdout (as bench.html opens)."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     from trajinf.bench.env_report import HEADLINE_HEADER, headline_rows, scenario_sentences
 
-    table = Table(title=f"held-out success at budget {res['config'].get('headline', 0.1):g}")
-    for col in HEADLINE_HEADER:
-        table.add_column(col, no_wrap=True)
+    table = Table(
+        title=f"held-out success at budget {res['config'].get('headline', 0.1):g}",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    for col in HEADLINE_HEADER:  # seeds wrap, the rest stays whole
+        table.add_column(col, no_wrap=col != "per seed")
     for row in headline_rows(res):
         table.add_row(*row)
     out = Console()

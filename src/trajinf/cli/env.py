@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -203,12 +204,15 @@ def demo(
     from trajinf.report import DEMO_HEADER, demo_sentence, demo_table_rows
 
     table = Table(
-        title=f"held-out success on the target tasks (budget {cfg.budget:.0%}, {cfg.seeds} seeds)"
+        title=f"held-out success on the target tasks (budget {cfg.budget:.0%}, {cfg.seeds} seeds)",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
     )
-    for col in DEMO_HEADER:
+    # the report's table without its last column (expert-step agreement): 80 columns wide
+    for col in DEMO_HEADER[:-1]:
         table.add_column(col, no_wrap=True)
     for row in demo_table_rows(res):
-        table.add_row(*(str(x) for x in row))
+        table.add_row(*(str(x) for x in row[:-1]))
     console.print(
         f"base agent: success {res['base_success_rate']:.3f}, step agreement "
         f"{res['base_step_agreement']:.3f}"
