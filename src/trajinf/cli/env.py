@@ -17,7 +17,15 @@ from trajinf.errors import TrajinfError
 POLICIES = ("expert", "noisy", "planted", "random", "model")
 
 
-def _policy(name: str, *, model: Path | None, noise: float, temperature: float, seed: int):
+def _policy(
+    name: str,
+    *,
+    model: Path | None,
+    noise: float,
+    temperature: float,
+    seed: int,
+    chat_template: str | None = None,
+):
     from trajinf.envs.policies import (
         ExpertPolicy,
         NoisyExpertPolicy,
@@ -39,7 +47,7 @@ def _policy(name: str, *, model: Path | None, noise: float, temperature: float, 
         from trajinf.envs.model_policy import ModelPolicy
         from trajinf.models.checkpoints import load_model
 
-        m, tok = load_model(model)
+        m, tok = load_model(model, chat_template=chat_template)
         return ModelPolicy(m, tok, mode="rank", temperature=temperature, seed=seed)
     raise TrajinfError(f"--policy must be one of {', '.join(POLICIES)}, got '{name}'")
 
@@ -56,6 +64,9 @@ def rollout(
     noise: float = typer.Option(0.3, help="Random-action probability of --policy noisy."),
     temperature: float = typer.Option(1.0, help="Sampling temperature of --policy model."),
     seed: int = typer.Option(0),
+    chat_template: str = typer.Option(
+        None, help="--policy model: replace its chat template (chatml-tools, llama3-tools, file)."
+    ),
 ) -> None:
     """Run a policy in an environment and write its trajectories.
 
@@ -66,7 +77,14 @@ def rollout(
     from trajinf.envs.rollout import rollout as run
 
     e = make_env(env)
-    pol = _policy(policy, model=model, noise=noise, temperature=temperature, seed=seed)
+    pol = _policy(
+        policy,
+        model=model,
+        noise=noise,
+        temperature=temperature,
+        seed=seed,
+        chat_template=chat_template,
+    )
     trajs = run(
         e, e.tasks(split, n_tasks, seed), pol, source=policy, n_per_task=per_task, seed=seed
     )
@@ -141,6 +159,9 @@ def eval_(
     n_tasks: int = typer.Option(100),
     families: list[str] = typer.Option([], help="Only these subtask families (repeat)."),
     seed: int = typer.Option(0),
+    chat_template: str = typer.Option(
+        None, help="Replace the model's chat template (chatml-tools, llama3-tools or a file)."
+    ),
 ) -> None:
     """Success rate of a model (rank mode over valid actions) on held-out tasks, per subtask.
 
@@ -151,7 +172,7 @@ def eval_(
     from trajinf.envs.model_policy import ModelPolicy
     from trajinf.models.checkpoints import load_model
 
-    m, tok = load_model(model)
+    m, tok = load_model(model, chat_template=chat_template)
     res = evaluate_policy(
         make_env(env),
         ModelPolicy(m, tok, mode="rank"),
