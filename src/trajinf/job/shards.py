@@ -27,6 +27,7 @@ from trajinf.models.checkpoints import (
     model_fingerprint,
     tokenizer_fingerprint,
 )
+from trajinf.models.load import resolve_dtype
 from trajinf.store.feature_store import FeatureStore
 from trajinf.store.format import file_sha256
 
@@ -208,6 +209,7 @@ def load_checkpoints(
     """Models (with optimizer state) of every checkpoint, their manifest entries, and the
     fingerprint keys that identify the features (models, tokenizer, tracked modules, config;
     the chat template override by name, when given; its text is in the tokenizer's)."""
+    resolve_dtype(dtype, device)  # before any loading: fp16 needs a GPU
     ckpt_info, models = [], []
     for c in checkpoints:
         model, tok = load_model(

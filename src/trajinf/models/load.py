@@ -65,9 +65,10 @@ def cache_root() -> Path:
 
 
 def resolve_dtype(
-    name: str | torch.dtype | None, device: str | torch.device = "cpu"
+    name: str | torch.dtype | None, device: str | torch.device | None = None
 ) -> torch.dtype:
-    """torch dtype of a ``--dtype`` name (fp32 | bf16 | fp16; None = fp32), checked on ``device``.
+    """torch dtype of a ``--dtype`` name (fp32 | bf16 | fp16; None = fp32), checked on ``device``
+    when given (models load on the CPU and move to their device after).
 
     fp16 on a CPU is refused (its matmuls are slow or missing there); bf16 on a CUDA device needs
     compute capability 8.0 or newer.
@@ -80,7 +81,7 @@ def resolve_dtype(
         if name not in DTYPES:
             raise TrajinfError(f"--dtype: expected one of {', '.join(DTYPES)}, got {name!r}")
         dtype = DTYPES[name]
-    kind = torch.device(device).type
+    kind = torch.device(device).type if device is not None else None
     if dtype == torch.float16 and kind == "cpu":
         raise TrajinfError("--dtype fp16 needs a GPU; on a CPU use bf16 or fp32")
     if dtype == torch.bfloat16 and kind == "cuda" and not torch.cuda.is_bf16_supported():
