@@ -54,7 +54,8 @@ def flood_markdown(res: dict, against: str = "rs") -> str:
     note = (
         f"\n{res['env']}: agent {agent['fingerprint']} (test success {agent['test_success']:.3f} on "
         f"{res['n_test']} tasks of {', '.join(res['target_families'])}; {res['n_base_failed']} "
-        f"failed, the expansion set), {seeds} seeds, runtime {res['runtime_s'] / 60:.1f} min.\n"
+        f"failed, the expansion set), {seeds} seeds; rows {res.get('rows_seconds', 0) / 60:.1f} "
+        f"min of compute in all, this invocation {res['runtime_s'] / 60:.1f} min.\n"
     )
     return f"### {res['env']}\n\n" + "\n".join(lines) + "\n" + note
 

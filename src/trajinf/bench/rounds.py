@@ -253,6 +253,8 @@ def run_flood(config: FloodConfig, out: str | Path, *, log=print, progress=None)
         "summary": summarize_rounds(rows, against="rs"),
         "rows": rows,
         "runtime_s": time.perf_counter() - t_start,
+        # the rows' own seconds: the whole run's compute, over resumed invocations too
+        "rows_seconds": float(sum(r.get("seconds", 0.0) for r in rows)),
     }
     return res
 
