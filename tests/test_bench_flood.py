@@ -176,6 +176,8 @@ def test_agent_cache_builds_once_and_atomically(tmp_path, monkeypatch):
         return real(config, out, **kw)
 
     monkeypatch.setattr(agents, "build_agent", counting)
+    orphan = tmp_path / f"{cfg.fingerprint()}.tmp-999999999"  # a killed build's leftovers
+    orphan.mkdir()
     d1, info1 = cached_agent(cfg, root=tmp_path, log=lambda s: None)
     d2, info2 = cached_agent(cfg, root=tmp_path, log=lambda s: None)
     assert d1 == d2 == tmp_path / cfg.fingerprint() and len(calls) == 1

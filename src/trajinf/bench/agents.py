@@ -144,6 +144,7 @@ def cached_agent(config: AgentConfig, *, log=print, root: Path | None = None) ->
     if (final / "agent.json").exists():
         return final, json.loads((final / "agent.json").read_text())
     root.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(root, final.name)
     tmp = root / f"{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -164,3 +165,15 @@ def cached_agent(config: AgentConfig, *, log=print, root: Path | None = None) ->
         f"(built in {info['build_seconds']:.0f} s, cached)"
     )
     return final, info
+
+
+def _remove_orphans(root: Path, name: str) -> None:
+    """Delete ``<name>.tmp-<pid>`` builds whose process is gone (a SIGKILL skips the cleanup)."""
+    for d in root.glob(f"{name}.tmp-*"):
+        try:
+            pid = int(d.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
