@@ -135,3 +135,23 @@ def test_report_lists_flagged_trajectories_with_their_bad_steps(job, tmp_path):
     html = "".join(harm_section(tmp_path, scores, steps, pool))
     assert first in html and html.count("harm: bad step") == 2  # the legend and step 1
     assert re.search(r"step 1 \[[^\]]*\] <span class='badtag'>harm: bad step", html)
+
+
+def test_cli_select_repair(job, tmp_path):
+    from typer.testing import CliRunner
+
+    from trajinf.cli.main import app
+
+    d = job[0]
+    out = tmp_path / "cli.jsonl"
+    ids = set(pd.read_parquet(d / "scores" / "scores.parquet")["id"])
+    pool = d / ("pool_more.jsonl" if any(i.startswith("late") for i in ids) else "pool.jsonl")
+    args = ["select", "--scores", str(d / "scores"), "--pool", str(pool),
+            "--fraction", "0.5", "--repair", "--out", str(out)]  # fmt: skip
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "kept" in r.output and "repaired" in r.output and "dropped" in r.output
+    assert out.exists() and out.with_name("cli.repair.jsonl").exists()
+    bad = CliRunner().invoke(app, [*args[:-2], "--step-weights", "--out", str(out)])
+    # the entry point turns a TrajinfError into a one-line error (exit 2)
+    assert isinstance(bad.exception, TrajinfError) and "--repair" in str(bad.exception)

@@ -76,6 +76,11 @@ def select(
     weight_mode: Literal[WEIGHT_MODES] = typer.Option(  # type: ignore[valid-type]
         "binary", help="Step weights: binary (0/1) or soft (rescaled to [0, 1])."
     ),
+    repair: bool = typer.Option(
+        False,
+        help="Keep, repair (bad steps weight 0) or drop each trajectory by the calibrated harm "
+        "flag; choices in OUT's .repair.jsonl.",
+    ),
     out: Path = typer.Option(..., help="Selected trajectories, written in the input format."),
 ) -> None:
     """Select a subset (and per-step weights) and write it back in the input format.
@@ -87,6 +92,8 @@ def select(
           --drop-harmful --step-weights --out selected.jsonl
       trajinf select --scores scores/ --pool pool.jsonl --method prior \\
           --prior expert_aligned --env toolworld --combine rank --step-weights \\
+          --out selected.jsonl
+      trajinf select --scores scores/ --pool pool.jsonl --fraction 0.1 --repair \\
           --out selected.jsonl
     """
     from trajinf.selection.export import select_to_file
@@ -106,7 +113,13 @@ def select(
         combine=combine,
         env=env,
         weight_mode=weight_mode,
+        repair=repair,
     )
+    if repair:
+        h = sel.info["harm"]
+        console.print(
+            f"harm: pool {h['pool']}, selected {h['selected']} (kept / repaired / dropped)"
+        )
     if sel.info.get("filters"):
         console.print(f"filters: {sel.info['filters']}")
     console.print(f"selected {len(sel.ids)} trajectories with '{method}' -> {out}")
