@@ -112,7 +112,7 @@ def round_plot_svg(res: dict, width: int = 560, height: int = 320) -> str:
 
 def write_flood_report(results: dict, out: Path) -> None:
     """``flood.md`` (tables) and ``flood.html`` (tables + per-round plots) under ``out``."""
-    from trajinf.store.atomic import atomic_write
+    from trajinf.atomic import atomic_write
 
     envs = list(results["envs"].values())
     md = "\n".join(flood_markdown(r) for r in envs)

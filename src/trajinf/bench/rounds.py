@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trajinf.atomic import write_json
 from trajinf.bench.agents import cached_agent
 from trajinf.bench.env_bench import append_jsonl, read_jsonl
 from trajinf.bench.flood import (
@@ -38,7 +39,6 @@ from trajinf.bench.flood import (
     score_flood,
     select_flood,
 )
-from trajinf.store.atomic import write_json
 
 EXTENSIBLE = ("seeds", "rounds", "methods", "later_methods")
 
@@ -287,7 +287,7 @@ def _scores(agent_dir: Path, pool, demos, out: Path, config: FloodConfig, seed: 
         steps = {k: pd.read_parquet(out / f"steps_{k}.parquet") for k in m["modes"]}
         stats = pd.read_parquet(out / "statistics.parquet")
         return FloodScores(scores, steps, stats, m["seconds"])
-    from trajinf.store.atomic import write_parquet
+    from trajinf.atomic import write_parquet
 
     s = score_flood(agent_dir, pool, demos, out, proj_dim=config.proj_dim, seed=seed)
     for k in s.scores:

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from trajinf.atomic import write_json
 from trajinf.bench.env_bench import (
     BenchConfig,
     append_jsonl,
@@ -33,7 +34,6 @@ from trajinf.errors import TrajinfError
 from trajinf.loop.steps import harmful_detection
 from trajinf.selection.priors import step_prior, trajectory_prior
 from trajinf.selection.select import select, zero_variance_filter
-from trajinf.store.atomic import write_json
 
 
 def run_env(plan, config, out: Path, *, progress=None, log=print) -> dict:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from trajinf.atomic import atomic_write
 from trajinf.data.schema import SHAREGPT_ROLES, RecordContext, Trajectory, parse_record
 from trajinf.errors import TrajectoryFormatError
 
@@ -123,17 +123,8 @@ def write_pool(
     """
     path = Path(path)
     records = [_to_record(t, (step_weights or {}).get(t.id)) for t in trajectories]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            if path.suffix == ".json":
-                json.dump(records, f, ensure_ascii=False, indent=1)
-            else:
-                for r in records:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    if path.suffix == ".json":
+        text = json.dumps(records, ensure_ascii=False, indent=1)
+    else:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))

@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from trajinf.atomic import write_json
 from trajinf.errors import TrajinfError
 from trajinf.models.checkpoints import save_checkpoint
-from trajinf.store.atomic import write_json
 
 log = logging.getLogger(__name__)
 

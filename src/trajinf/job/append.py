@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from trajinf.atomic import write_json, write_parquet
 from trajinf.data.tokenize import tokenize_pool
 from trajinf.errors import StoreCorruptError, TrajinfError
 from trajinf.gradients import feature_dim
@@ -44,7 +45,6 @@ from trajinf.scoring.harm import flags_at_thresholds
 from trajinf.scoring.scores import score_tables
 from trajinf.scoring.source import PoolSource, nonfinite_ids
 from trajinf.selection.baselines import baseline_statistics
-from trajinf.store.atomic import write_json, write_parquet
 from trajinf.store.feature_store import FeatureStore
 
 if TYPE_CHECKING:

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from trajinf.atomic import atomic_write, write_json
 from trajinf.data.schema import Trajectory
 from trajinf.data.tokenize import TokenizedTrajectory, tokenize_pool
-from trajinf.store.atomic import atomic_write, write_json
 from trajinf.store.format import file_sha256
 
 CACHE_DIR = "cache"

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from trajinf.atomic import write_parquet
 from trajinf.data.schema import Trajectory
 from trajinf.errors import TrajinfError
 from trajinf.job.config import ScoreJobConfig
@@ -19,7 +20,6 @@ from trajinf.scoring.calibration import HarmResult, harm_flags, store_harm
 from trajinf.scoring.directions import Directions
 from trajinf.scoring.preconditioners import KfacFactors
 from trajinf.scoring.source import PoolSource
-from trajinf.store.atomic import write_parquet
 from trajinf.store.feature_store import FeatureStore
 
 log = logging.getLogger(__name__)

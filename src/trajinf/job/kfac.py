@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from trajinf.atomic import atomic_write
 from trajinf.errors import StoreCorruptError, TrajinfError
 from trajinf.scoring.directions import KfacFactors
-from trajinf.store.atomic import atomic_write
 from trajinf.store.feature_store import FeatureStore
 
 if TYPE_CHECKING:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from trajinf.atomic import write_json, write_parquet
 from trajinf.data.schema import Trajectory
 from trajinf.data.tokenize import TokenizedTrajectory
 from trajinf.errors import TrajinfError
@@ -39,7 +40,6 @@ from trajinf.scoring.harm import harmful_flags, null_scores
 from trajinf.scoring.preconditioners import KfacFactors
 from trajinf.scoring.scores import ScoreResult, score_stores, top_k
 from trajinf.scoring.source import ScoreConfig, nonfinite_ids
-from trajinf.store.atomic import write_json, write_parquet
 from trajinf.store.feature_store import FeatureStore
 
 log = logging.getLogger(__name__)

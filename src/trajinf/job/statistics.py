@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from trajinf.atomic import write_parquet
 from trajinf.data.schema import Trajectory
 from trajinf.data.tokenize import TokenizedTrajectory
 from trajinf.job.cache import CACHE_DIR, cache_key, cached_shard_arrays, cached_table
 from trajinf.job.shards import shard_bounds
 from trajinf.selection.baselines import baseline_statistics, hidden_state_embeddings
-from trajinf.store.atomic import write_parquet
 from trajinf.store.feature_store import FeatureStore
 
 if TYPE_CHECKING:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trajinf.atomic import write_json
 from trajinf.envs import make_env
 from trajinf.loop.steps import (
     DemoData,
@@ -30,7 +31,6 @@ from trajinf.loop.steps import (
     select_for_method,
     selection_composition,
 )
-from trajinf.store.atomic import write_json
 
 METHODS = (
     "influence", "influence-drop-harmful", "random", "task-random", "success", "task-success",

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from trajinf.atomic import atomic_write
 from trajinf.data.trajectories import load_pool
 from trajinf.data.write import write_pool
 from trajinf.errors import TrajinfError
 from trajinf.selection.select import Selection, select
-from trajinf.store.atomic import atomic_write
 
 
 def read_scores(scores_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:

@@ -23,8 +23,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from trajinf.atomic import atomic_write, fsync_dir
 from trajinf.errors import StoreCorruptError, TrajinfError
-from trajinf.store.atomic import atomic_write, fsync_dir
 from trajinf.store.format import (
     MANIFEST,
     PER_CKPT,
