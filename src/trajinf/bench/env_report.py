@@ -145,25 +145,6 @@ def variants_table(scenarios: dict) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
-def priors_table(scenarios: dict) -> str:
-    """Per scenario and step prior: bad-step localization and planted detection."""
-    rows = []
-    for scn, r in scenarios.items():
-        for p, d in (r.get("priors") or {}).items():
-            h, b = d["harmful"], d["bad_step"]
-            rows.append(
-                f"<tr><td>{scn}</td><td>{p}</td><td>{d['defined_steps']:.2f}</td>"
-                f"<td>{_fmt(h.get('auroc_low_score'))}</td>"
-                f"<td>{_fmt(b.get('auroc_pooled'))} / {_fmt(b.get('auroc_within_mean'))}</td>"
-                f"<td>{_fmt(b.get('one_bad_step_top1'))}</td></tr>"
-            )
-    return (
-        "<table><tr><th>scenario</th><th>prior</th><th>defined steps</th><th>planted AUROC</th>"
-        "<th>bad-step AUROC pooled / within</th><th>one-bad-step top-1</th></tr>"
-        f"{''.join(rows)}</table>"
-    )
-
-
 def lds_table(lds: dict | None) -> str:
     """LDS per method (mean over target subtasks ± standard error)."""
     if not lds:
