@@ -357,4 +357,4 @@ def flood_preset(env: str, *, quick: bool = False) -> FloodConfig:
     if env == "twx":
         agent = AgentConfig(env="twx", n_other_tasks=24, n_target_demos=3, epochs=30)
         return FloodConfig(env="twx", agent=agent, n_train_tasks=16, n_test_tasks=30, seeds=3)
-    raise TrajinfError(f"flood: unknown env '{env}' (builtin, twx)")
+    raise TrajinfError(f"bench flood: --env '{env}' not known (builtin, twx, all)")
