@@ -10,7 +10,6 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, replace
 from multiprocessing import get_context
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -27,7 +26,6 @@ from trajinf.bench.harm import harm_report, harm_selection
 from trajinf.bench.methods import BENCH_METHODS, Scored, run_variant
 from trajinf.bench.metrics import bad_step_localization, lds, summarize_cells
 from trajinf.bench.scenarios import build_bench_data
-from trajinf.data.trajectories import load_pool
 from trajinf.data.write import write_pool
 from trajinf.envs import make_env
 from trajinf.errors import TrajinfError
@@ -333,33 +331,20 @@ def _run_jobs(jobs: list[dict], workers: int):
             yield f.result()
 
 
-_ENVS: dict = {}
-
-
 def run_cell(job: dict) -> dict:
-    """Fine-tune the base agent on one selection and evaluate it (runs in a worker process)."""
-    import torch
+    """Fine-tune the base agent on one selection and evaluate it (runs in a worker process):
+    :func:`trajinf.loop.steps.retrain_cell`, with the bench's cell fields around it."""
+    from trajinf.loop.steps import retrain_cell
 
-    from trajinf.loop.demo import DemoConfig
-    from trajinf.loop.steps import evaluate_model, finetune
-
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    cfg = DemoConfig(**{**job["demo"], "noisy_levels": tuple(job["demo"]["noisy_levels"])})
-    env = _ENVS.get(job["env"]) or _ENVS.setdefault(job["env"], make_env(job["env"]))
-    chosen = load_pool(job["selection"]) if job["n_selected"] else []
-
-    base = SimpleNamespace(base_dir=Path(job["base_dir"]))  # finetune() reads only base_dir
-    model, tok = finetune(base, chosen, cfg, seed=job["seed"])
-    ev = evaluate_model(env, model, tok, job["families"], cfg)
+    cell = job["cell"]
+    res = retrain_cell(
+        {**job, "config": job["demo"], "method": cell["method"], "seed_index": cell["seed"]}
+    )
     return {
-        **job["cell"],
+        **cell,
         "n_selected": job["n_selected"],
         "n_weighted_zero": job["n_weighted_zero"],
-        "success_rate": ev["success_rate"],
-        "step_agreement": ev["step_agreement"],
-        "per_family": ev["per_family"],
-        "seconds": time.perf_counter() - t0,
+        **{k: res[k] for k in ("success_rate", "step_agreement", "per_family", "seconds")},
     }
 
 
