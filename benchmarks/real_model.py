@@ -21,7 +21,7 @@ import time
 import torch
 
 from trajinf.bench.perf import machine_info, synthetic_pool, time_extraction, time_training
-from trajinf.gradients import ExtractionConfig
+from trajinf.gradients.config import ExtractionConfig
 from trajinf.models.checkpoints import load_model
 from trajinf.models.lora import wrap_lora
 

@@ -25,14 +25,15 @@ from transformers import (
 )
 
 from trajinf.data.tokenize import TokenizedTrajectory
-from trajinf.gradients import ExtractionConfig, TrackedModule
+from trajinf.gradients.config import ExtractionConfig
+from trajinf.gradients.modules import TrackedModule
 from trajinf.gradients.projection import (
     DENSE_CHUNK_ROWS,
     factorized_k,
     factorized_pair,
     seeded_gaussian,
 )
-from trajinf.models.checkpoints import wrap_lora
+from trajinf.models.lora import wrap_lora
 
 VOCAB = 100
 

@@ -13,15 +13,16 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from trajinf.data.tokenize import TokenizedTrajectory
-from trajinf.gradients import ExtractionConfig, extract_features
+from trajinf.gradients.config import ExtractionConfig
+from trajinf.gradients.extract import extract_features
 from trajinf.models.checkpoints import (
     load_checkpoint_state,
     load_model,
     model_fingerprint,
     save_checkpoint,
     tokenizer_fingerprint,
-    wrap_lora,
 )
+from trajinf.models.lora import wrap_lora
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 VOCAB = 50

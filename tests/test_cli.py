@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from trajinf.cli.extract import SCORING_ONLY, _forwarded
 from trajinf.cli.main import app
 from trajinf.errors import ConfigError, TrajinfError, literal_choices
-from trajinf.gradients import ExtractionConfig
+from trajinf.gradients.config import ExtractionConfig
 from trajinf.job.config import ScoreJobConfig, build_job_config, job_options
 from trajinf.scoring.source import ScoreConfig
 

@@ -19,15 +19,11 @@ from grad_oracles import (
 
 from trajinf.data.tokenize import TokenizedTrajectory
 from trajinf.errors import TrajinfError
-from trajinf.gradients import (
-    ExtractionConfig,
-    extract_features,
-    feature_dim,
-    mask_density,
-    sparse_update_mask,
-    tracked_modules,
-)
+from trajinf.gradients.config import ExtractionConfig
+from trajinf.gradients.extract import extract_features, feature_dim
 from trajinf.gradients.hooks import ActivationGradientCollector
+from trajinf.gradients.masks import mask_density, sparse_update_mask
+from trajinf.gradients.modules import tracked_modules
 from trajinf.gradients.projection import factorized_k
 from trajinf.models.checkpoints import CheckpointState
 

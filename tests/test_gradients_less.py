@@ -16,7 +16,9 @@ from grad_oracles import assert_close as _assert_close
 
 from trajinf.data.tokenize import TokenizedTrajectory
 from trajinf.errors import TrajinfError
-from trajinf.gradients import ExtractionConfig, extract_features, tracked_modules
+from trajinf.gradients.config import ExtractionConfig
+from trajinf.gradients.extract import extract_features
+from trajinf.gradients.modules import tracked_modules
 from trajinf.gradients.projection import DenseProjector
 from trajinf.models.checkpoints import CheckpointState
 

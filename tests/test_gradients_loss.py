@@ -17,8 +17,10 @@ from grad_oracles import (
 from test_gradients_factorized import make_item
 
 from trajinf.errors import TrajinfError
-from trajinf.gradients import ExtractionConfig, extract_features, tracked_modules
+from trajinf.gradients.config import ExtractionConfig
+from trajinf.gradients.extract import extract_features
 from trajinf.gradients.loss import ActionNLL, AdvantageWeightedNLL
+from trajinf.gradients.modules import tracked_modules
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 

@@ -24,8 +24,10 @@ from grad_oracles import (
 import trajinf.gradients.factorized as factorized
 from trajinf.data.tokenize import TokenizedTrajectory
 from trajinf.errors import TrajinfError
-from trajinf.gradients import ExtractionConfig, extract_features, tracked_modules
+from trajinf.gradients.config import ExtractionConfig
+from trajinf.gradients.extract import extract_features
 from trajinf.gradients.loss_split import capture_head_input
+from trajinf.gradients.modules import tracked_modules
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 LOSS = dict(step_split="loss")

@@ -27,14 +27,14 @@ from trl import SFTConfig  # noqa: E402
 from trajinf.data.tokenize import tokenize_trajectory  # noqa: E402
 from trajinf.data.trajectories import load_pool  # noqa: E402
 from trajinf.errors import TrajinfError  # noqa: E402
-from trajinf.integrations import (  # noqa: E402
+from trajinf.integrations import (
     TrajectoryCollator,
     WarmupCheckpointCallback,
-    WeightedSFTTrainer,
     WeightedTrainer,
     to_dataset,
     weighted_loss,
 )
+from trajinf.integrations.sft_trainer import WeightedSFTTrainer
 from trajinf.job.config import build_job_config  # noqa: E402
 from trajinf.job.run import score_pool  # noqa: E402
 from trajinf.models.checkpoints import load_checkpoint_state, load_model  # noqa: E402

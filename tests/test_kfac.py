@@ -16,8 +16,10 @@ from grad_oracles import VOCAB, nll_of, tiny_model, token_weights
 
 from trajinf.data.tokenize import TokenizedTrajectory
 from trajinf.errors import TrajinfError
-from trajinf.gradients import ExtractionConfig, extract_features, tracked_modules
+from trajinf.gradients.config import ExtractionConfig
+from trajinf.gradients.extract import extract_features
 from trajinf.gradients.kfac import kfac_factors
+from trajinf.gradients.modules import tracked_modules
 from trajinf.gradients.projection import factorized_k, factorized_pair
 from trajinf.scoring.preconditioners import kfac_precondition
 from trajinf.scoring.scores import score_features

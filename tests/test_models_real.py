@@ -17,7 +17,8 @@ from trajinf.data.template_check import check_chat_template
 from trajinf.data.tokenize import tokenize_pool
 from trajinf.data.trajectories import load_pool
 from trajinf.errors import TemplateError
-from trajinf.gradients import ExtractionConfig, extract_features
+from trajinf.gradients.config import ExtractionConfig
+from trajinf.gradients.extract import extract_features
 from trajinf.models import load as model_load
 from trajinf.models.checkpoints import load_checkpoint_state, load_model
 from trajinf.train.sft import TrainConfig, train_sft

@@ -43,7 +43,8 @@ def harness(tmp_path_factory):
 def _scores(harness, metric: str, preconditioner: str) -> np.ndarray:
     """trajinf factorized scores [n_train, n_query] (each query its own target subtask)."""
     from trajinf.data.tokenize import TokenizedTrajectory
-    from trajinf.gradients import ExtractionConfig, extract_features
+    from trajinf.gradients.config import ExtractionConfig
+    from trajinf.gradients.extract import extract_features
     from trajinf.gradients.kfac import kfac_factors
     from trajinf.scoring.scores import score_features
     from trajinf.scoring.source import ScoreConfig

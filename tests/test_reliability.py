@@ -23,7 +23,8 @@ from trajinf.data.tokenize import tokenize_pool
 from trajinf.data.trajectories import load_pool
 from trajinf.data.write import write_pool
 from trajinf.errors import StoreMismatchError
-from trajinf.gradients import ExtractionConfig, extract_features
+from trajinf.gradients.config import ExtractionConfig
+from trajinf.gradients.extract import extract_features
 from trajinf.job.config import build_job_config
 from trajinf.job.run import extract_job, score_pool
 from trajinf.models.checkpoints import load_model

@@ -30,7 +30,7 @@ def tokenized(data) -> list:
 
 
 def _features(model, items, config) -> np.ndarray:
-    from trajinf.gradients import extract_features
+    from trajinf.gradients.extract import extract_features
 
     feats = list(extract_features(model, items, config))
     if not all(f.finite for f in feats):
@@ -43,7 +43,7 @@ def run(
 ) -> list[tuple[str, MethodResult]]:
     """Extract once in ``mode`` ("factorized" | "less"), then score several ways.
     ``proj_dim`` overrides the harness-wide dimension (the row names then say so)."""
-    from trajinf.gradients import ExtractionConfig
+    from trajinf.gradients.config import ExtractionConfig
     from trajinf.gradients.kfac import kfac_factors
     from trajinf.scoring.scores import score_features
     from trajinf.scoring.source import ScoreConfig

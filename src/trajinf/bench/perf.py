@@ -22,10 +22,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from trajinf.data.tokenize import TokenizedTrajectory
-from trajinf.gradients import ExtractionConfig, extract_features, feature_dim
 from trajinf.gradients.batching import item_steps, make_batch, model_logits, plan_batches, token_nll
+from trajinf.gradients.config import ExtractionConfig
+from trajinf.gradients.extract import extract_features, feature_dim
 from trajinf.gradients.loss import ActionNLL
-from trajinf.models.checkpoints import wrap_lora
+from trajinf.models.lora import wrap_lora
 
 Log = Callable[[str], None]
 

@@ -84,7 +84,8 @@ def fp16_effect(
 ) -> dict:
     """fp16-vs-fp32 score rank correlation on real factorized features of a model built from a
     config (random-token pool; the last ``targets`` items are the targets)."""
-    from trajinf.gradients import ExtractionConfig, extract_features
+    from trajinf.gradients.config import ExtractionConfig
+    from trajinf.gradients.extract import extract_features
 
     model = llama(hidden, layers, 2000, tokens)
     pool = synthetic_pool(items + targets, tokens, 4, 2000, seed=3)

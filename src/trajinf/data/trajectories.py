@@ -20,17 +20,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from trajinf.data.schema import (  # noqa: F401  (public here too)
-    KNOWN_FIELDS,
-    ROLES,
-    SHAREGPT_ROLES,
+from trajinf.data.schema import (
     RecordContext,
-    Step,
     Trajectory,
     check_messages,
     parse_record,
 )
-from trajinf.data.write import write_pool  # noqa: F401  (public here too)
 from trajinf.errors import TrajectoryFormatError
 
 

@@ -19,7 +19,7 @@ import pandas as pd
 from trajinf.atomic import write_json, write_parquet
 from trajinf.data.tokenize import tokenize_pool
 from trajinf.errors import StoreCorruptError, TrajinfError
-from trajinf.gradients import feature_dim
+from trajinf.gradients.extract import feature_dim
 from trajinf.job.distributed import clean_temp_files
 from trajinf.job.harm import append_harm
 from trajinf.job.inputs import (

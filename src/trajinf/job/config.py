@@ -9,7 +9,7 @@ from typing import Any, Literal, get_type_hints
 import pandas as pd
 
 from trajinf.errors import ConfigError, TrajinfError, check_fields
-from trajinf.gradients import ExtractionConfig
+from trajinf.gradients.config import ExtractionConfig
 from trajinf.scoring.preconditioners import PRECONDITIONERS
 from trajinf.scoring.source import ScoreConfig
 

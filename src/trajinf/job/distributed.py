@@ -30,19 +30,15 @@ import pandas as pd
 from trajinf.data.schema import Trajectory
 from trajinf.data.tokenize import TokenizedTrajectory
 from trajinf.errors import TrajinfError
-from trajinf.gradients import ExtractionConfig, feature_dim
-from trajinf.job.ranks import RankContext, launch, rank_context, shutdown  # noqa: F401
-from trajinf.job.shards import (  # noqa: F401  (public here too)
-    PlannedShard,
+from trajinf.gradients.config import ExtractionConfig
+from trajinf.gradients.extract import feature_dim
+from trajinf.job.ranks import RankContext
+from trajinf.job.shards import (
     UpdateMask,
     extract_into,
     items_table,
     load_checkpoints,
     plan_shards,
-    pool_digest,
-    resolve_device,
-    shard_bounds,
-    storable,
 )
 from trajinf.store.feature_store import FeatureStore
 from trajinf.store.format import ITEMS_DIR

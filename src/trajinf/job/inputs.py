@@ -29,7 +29,7 @@ def load_update_mask(config: ScoreJobConfig) -> UpdateMask | None:
     1e-5) between the two checkpoints. Its source goes into the stores' fingerprints."""
     if config.update_mask_from is None:
         return None
-    from trajinf.gradients import mask_density, sparse_update_mask
+    from trajinf.gradients.masks import mask_density, sparse_update_mask
     from trajinf.models.checkpoints import load_model
 
     a, b = (str(p) for p in config.update_mask_from)

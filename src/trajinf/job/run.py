@@ -19,7 +19,7 @@ from trajinf.atomic import write_json, write_parquet
 from trajinf.data.schema import Trajectory
 from trajinf.data.tokenize import TokenizedTrajectory
 from trajinf.errors import TrajinfError
-from trajinf.gradients import ExtractionConfig
+from trajinf.gradients.config import ExtractionConfig
 from trajinf.job.append import score_appended
 from trajinf.job.cache import CACHE_DIR
 from trajinf.job.config import ScoreJobConfig, ScoreOutputs

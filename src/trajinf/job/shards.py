@@ -20,7 +20,9 @@ import pandas as pd
 from trajinf.data.schema import Trajectory
 from trajinf.data.tokenize import TokenizedTrajectory
 from trajinf.errors import TrajinfError
-from trajinf.gradients import ExtractionConfig, extract_features, tracked_modules
+from trajinf.gradients.config import ExtractionConfig
+from trajinf.gradients.extract import extract_features
+from trajinf.gradients.modules import tracked_modules
 from trajinf.models.checkpoints import (
     load_checkpoint_state,
     load_model,
