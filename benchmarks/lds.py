@@ -98,6 +98,22 @@ class SeqData:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def tokenized(self) -> list:
+        """The rows as trajinf ``TokenizedTrajectory`` items (action mask and step ids as
+        given), what ``trajinf.gradients.extract_features`` reads."""
+        from trajinf.data.tokenize import TokenizedTrajectory
+
+        return [
+            TokenizedTrajectory(
+                id=self.ids[i],
+                input_ids=self.input_ids[i].copy(),
+                action_mask=self.action_mask[i].copy(),
+                step_ids=self.step_ids[i].copy(),
+                n_steps=int(self.step_ids[i].max()) + 1,
+            )
+            for i in range(len(self))
+        ]
+
     def subset(self, idx: np.ndarray) -> SeqData:
         """The rows ``idx`` (int indices) as a new SeqData."""
         return SeqData(

@@ -42,7 +42,6 @@ def harness(tmp_path_factory):
 
 def _scores(harness, metric: str, preconditioner: str) -> np.ndarray:
     """trajinf factorized scores [n_train, n_query] (each query its own target subtask)."""
-    from trajinf.data.tokenize import TokenizedTrajectory
     from trajinf.gradients.config import ExtractionConfig
     from trajinf.gradients.extract import extract_features
     from trajinf.gradients.kfac import kfac_factors
@@ -51,20 +50,8 @@ def _scores(harness, metric: str, preconditioner: str) -> np.ndarray:
 
     _, _, train, query, model = harness
 
-    def items(data):
-        return [
-            TokenizedTrajectory(
-                id=data.ids[i],
-                input_ids=data.input_ids[i].copy(),
-                action_mask=data.action_mask[i].copy(),
-                step_ids=data.step_ids[i].copy(),
-                n_steps=int(data.step_ids[i].max()) + 1,
-            )
-            for i in range(len(data))
-        ]
-
     cfg = ExtractionConfig(mode="factorized", proj_dim=2048, seed=0, preconditioner="none")
-    tr, qu = items(train), items(query)
+    tr, qu = train.tokenized(), query.tokenized()
     f_train = np.stack([f.trajectory for f in extract_features(model, tr, cfg)])
     f_query = np.stack([f.trajectory for f in extract_features(model, qu, cfg)])
     factors = kfac_factors(model, tr, cfg) if preconditioner == "kfac" else None

@@ -13,22 +13,6 @@ import numpy as np
 from peer_common import MethodResult, PeerSetup, Stopwatch
 
 
-def tokenized(data) -> list:
-    """SeqData rows as trajinf ``TokenizedTrajectory`` (action_mask and step ids as given)."""
-    from trajinf.data.tokenize import TokenizedTrajectory
-
-    return [
-        TokenizedTrajectory(
-            id=data.ids[i],
-            input_ids=data.input_ids[i].copy(),
-            action_mask=data.action_mask[i].copy(),
-            step_ids=data.step_ids[i].copy(),
-            n_steps=int(data.step_ids[i].max()) + 1,
-        )
-        for i in range(len(data))
-    ]
-
-
 def _features(model, items, config) -> np.ndarray:
     from trajinf.gradients.extract import extract_features
 
@@ -56,7 +40,7 @@ def run(
         preconditioner="none",
         loss_normalization="mean",
     )
-    train_items, query_items = tokenized(setup.train), tokenized(setup.query)
+    train_items, query_items = setup.train.tokenized(), setup.query.tokenized()
     sw = Stopwatch()
     with sw("fit"):
         f_train = _features(model, train_items, cfg)
