@@ -125,8 +125,8 @@ def test_at_most_a_dozen_modules_at_the_top_and_every_package_a_stage() -> None:
 
 
 # Stage order: a package may import from packages before it, never after it.
-ORDER = ["errors", "atomic", "data", "models", "gradients", "store", "scoring", "selection", "job",
-         "train", "envs", "integrations", "report", "loop", "bench", "cli"]  # fmt: skip
+ORDER = ["errors", "atomic", "data", "models", "gradients", "store", "scoring", "selection", "train",
+         "job", "envs", "integrations", "report", "loop", "bench", "cli"]  # fmt: skip
 # Documented exceptions: the envs' step priors need an env (selection.priors.replay), the CLI
 # entry point (`__main__`) runs the CLI.
 ALLOWED = {("selection", "envs"), ("__main__", "cli")}

@@ -44,7 +44,8 @@ def job(tmp_path_factory):
     res = train_sft(model, tok, pool[:10], replace(DEMO_TRAIN, epochs=2, seed=0),
                     checkpoint_dir=d / "warm", n_checkpoints=2)  # fmt: skip
     ckpts = [c["path"] for c in res.checkpoints]
-    cfg = build_job_config(proj_dim=128, has_checkpoints=True, subtask_field="family")
+    cfg = build_job_config(proj_dim=128, has_checkpoints=True, subtask_field="family",
+                           harm_signal="surprise")  # fmt: skip
     out = score_pool(ckpts[-1], d / "pool.jsonl", d / "target.jsonl", d / "scores",
                      checkpoints=ckpts, config=cfg)  # fmt: skip
     return d, out, pool, extra, ckpts, cfg

@@ -21,7 +21,7 @@ from trajinf.data.tokenize import tokenize_pool
 from trajinf.errors import StoreCorruptError, TrajinfError
 from trajinf.gradients.extract import feature_dim
 from trajinf.job.distributed import clean_temp_files
-from trajinf.job.harm import append_harm
+from trajinf.job.harm import append_harm, contrast_reference
 from trajinf.job.inputs import (
     checkpoint_list,
     load_inputs,
@@ -161,7 +161,18 @@ def score_appended(
     flags = flags_at_thresholds(result.trajectories, h["score_threshold"], h["step_threshold"])
     todo = [by_id[i] for i in todo_ids]
     traj = with_meta(result.trajectories.merge(flags, on="id", how="left"), todo)
-    traj = append_harm(traj, PoolSource.from_store(new_view), dirs, config, job, out)
+
+    def contrast() -> tuple:
+        done = {t.id: tok for t, tok in zip(todo_extract, tokens, strict=True)}
+        rest = [t for t in todo if t.id not in done]
+        more = tokenize_pool(rest, tokenizer, max_length=config.max_length) if rest else []
+        done.update({t.id: tok for t, tok in zip(rest, more, strict=True)})
+        model, tok = contrast_reference(model_dir, ckpts, config)
+        return model, tok, [done[t.id] for t in todo], target_tok
+
+    traj = append_harm(
+        traj, PoolSource.from_store(new_view), dirs, config, job, out, contrast=contrast
+    )
     traj = pd.concat([old_scores, traj], ignore_index=True)
     steps = pd.concat(
         [pd.read_parquet(out / "step_scores.parquet"), result.steps], ignore_index=True

@@ -38,8 +38,29 @@ class ScoreJobConfig:
         default=False, metadata={"help": "Wrap a plain model in a fresh LoRA; track only it."}
     )
     harmful_alpha: float = field(
-        default=0.05, metadata={"help": "False-positive rate of the harmful flag on the null."}
+        default=0.05,
+        metadata={"help": "Level of the harmful flag (false-positive rate on known-good data)."},
     )
+    harm_signal: Literal["contrast", "surprise", "alignment"] = field(
+        default="contrast",
+        metadata={
+            "help": "Harm evidence per step: contrast (log-prob change of its action tokens "
+            "when the model is tuned on the target), surprise (gradient norm) or alignment "
+            "(cosine to the target direction). The flag is calibrated on the target."
+        },
+    )
+    harm_epochs: int = field(
+        default=2, metadata={"help": "Epochs of the contrast signal's tuning on the target.",
+                             "min": 1}
+    )  # fmt: skip
+    harm_lr: float = field(
+        default=1e-3, metadata={"help": "Learning rate of the contrast signal's tuning."}
+    )
+    harm_folds: int = field(
+        default=4,
+        metadata={"help": "Cross-fitting folds of the target calibrating the contrast flag.",
+                  "min": 2},
+    )  # fmt: skip
     null_directions: int = field(
         default=32,
         metadata={"help": "Random target directions of the harmful null.", "min": 1},
@@ -101,6 +122,8 @@ class ScoreJobConfig:
                 "preconditioner",
                 f"{self.scoring.preconditioner!r} needs mode {' or '.join(modes)}",
             )
+        if not self.harm_lr > 0:
+            raise ConfigError("ScoreJobConfig", "harm_lr", f"must be > 0, got {self.harm_lr}")
         if not 0 < self.harmful_alpha < 1:
             raise ConfigError(
                 "ScoreJobConfig", "harmful_alpha", f"must be in (0, 1), got {self.harmful_alpha}"

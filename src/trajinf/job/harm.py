@@ -1,6 +1,9 @@
-"""The scoring job's harm step: the harm score and calibrated flag of every pool trajectory
-(:mod:`trajinf.scoring.calibration`), with the target re-extracted in the pool's feature space
-when the two differ (an extraction preconditioner), into ``OUT/calib/store/pool``."""
+"""The scoring job's harm step: the harm score and calibrated flag of every pool trajectory.
+Signal ``contrast`` (the default, :mod:`trajinf.job.contrast`) tunes the scoring checkpoint on
+the target and reads each action token's log-probability change; ``surprise`` / ``alignment``
+(:mod:`trajinf.scoring.calibration`) read the feature stores, with the target re-extracted in
+the pool's feature space when the two differ (an extraction preconditioner), into
+``OUT/calib/store/pool``."""
 
 from __future__ import annotations
 
@@ -14,8 +17,11 @@ import pandas as pd
 
 from trajinf.atomic import write_parquet
 from trajinf.data.schema import Trajectory
+from trajinf.data.tokenize import TokenizedTrajectory
 from trajinf.errors import TrajinfError
 from trajinf.job.config import ScoreJobConfig
+from trajinf.job.contrast import ContrastConfig, contrast_flags, contrast_harm
+from trajinf.job.shards import resolve_device
 from trajinf.scoring.calibration import HarmResult, harm_flags, store_harm
 from trajinf.scoring.directions import Directions
 from trajinf.scoring.preconditioners import KfacFactors
@@ -46,6 +52,48 @@ def calibration_store(
                    config=config).stores["pool"]  # fmt: skip
 
 
+def contrast_config(config: ScoreJobConfig) -> ContrastConfig:
+    """The contrast signal's settings of a job config."""
+    return ContrastConfig(epochs=config.harm_epochs, lr=config.harm_lr, folds=config.harm_folds,
+                          seed=config.seed)  # fmt: skip
+
+
+def job_contrast_harm(
+    model_dir: str | Path,
+    checkpoints: Sequence[Path],
+    pool_tokens: Sequence[TokenizedTrajectory],
+    target: Sequence[Trajectory],
+    target_tokens: Sequence[TokenizedTrajectory],
+    config: ScoreJobConfig,
+) -> HarmResult:
+    """:func:`trajinf.job.contrast.contrast_harm` at the job's last checkpoint (the model itself
+    without checkpoints): the target's subtasks stratify the calibration folds, its failures
+    (an outcome target) do not calibrate."""
+    from trajinf.job.inputs import subtask_labels
+
+    model, tokenizer = contrast_reference(model_dir, checkpoints, config)
+    good = np.array([t.success is not False for t in target])
+    return contrast_harm(
+        model, tokenizer, pool_tokens, target_tokens,
+        subtasks=subtask_labels(list(target), config.subtask_field), known_good=good,
+        config=contrast_config(config), alpha=config.harmful_alpha,
+    )  # fmt: skip
+
+
+def contrast_reference(model_dir: str | Path, checkpoints: Sequence[Path], config: ScoreJobConfig):
+    """(model, tokenizer) the contrast signal tunes: the job's last checkpoint, else the model
+    (wrapped in a fresh LoRA with ``--lora``), on the job's device."""
+    from trajinf.models.checkpoints import load_model
+
+    ref = checkpoints[-1] if checkpoints else model_dir
+    model, tokenizer = load_model(
+        ref, trust_remote_code=config.trust_remote_code, dtype=config.dtype,
+        chat_template=config.chat_template, lora=config.lora and not checkpoints,
+    )  # fmt: skip
+    model.to(resolve_device(config.device))
+    return model, tokenizer
+
+
 def job_harm(
     model_dir: str | Path,
     target: Sequence[Trajectory],
@@ -57,14 +105,23 @@ def job_harm(
     *,
     extract: Callable,
     kfac: Sequence[KfacFactors] | None = None,
+    pool_tokens: Sequence[TokenizedTrajectory] | None = None,
+    target_tokens: Sequence[TokenizedTrajectory] | None = None,
 ) -> HarmResult | None:
-    """Harm scores and flags of the pool (None, with a warning, when the target cannot
-    calibrate them: fewer than 2 known-good target trajectories with steps). ``extract``:
-    :func:`trajinf.job.run.extract_job` (for :func:`calibration_store`)."""
-    calib = calibration_store(
-        model_dir, target, out, stores["target"], checkpoints, config, extract
-    )
+    """Harm scores and flags of the pool with ``config.harm_signal`` (None, with a warning,
+    when the target cannot calibrate them: fewer than 2 known-good target trajectories with
+    steps). ``extract``: :func:`trajinf.job.run.extract_job` (for :func:`calibration_store`);
+    the contrast signal needs the pool's and target's tokens."""
     try:
+        if config.harm_signal == "contrast":
+            if pool_tokens is None or target_tokens is None:
+                raise TrajinfError("harm signal 'contrast' needs the pool and target tokens")
+            return job_contrast_harm(
+                model_dir, checkpoints, pool_tokens, target, target_tokens, config
+            )
+        calib = calibration_store(
+            model_dir, target, out, stores["target"], checkpoints, config, extract
+        )
         return store_harm(
             stores["pool"],
             stores["target"],
@@ -72,6 +129,7 @@ def job_harm(
             directions,
             config.scoring,
             alpha=config.harmful_alpha,
+            signal=config.harm_signal,
             kfac=kfac,
         )
     except TrajinfError as e:
@@ -101,22 +159,35 @@ def append_harm(
     config: ScoreJobConfig,
     job: dict,
     out: Path,
+    *,
+    contrast: Callable[[], tuple] | None = None,
 ) -> pd.DataFrame:
     """Harm columns of appended pool rows at the stored calibration (``job["harm"]``: the same
     threshold as the rows scored first); their per-step rows are added to
-    ``out/harm_steps.parquet``. A job scored before harm calibration existed gets NaN."""
+    ``out/harm_steps.parquet``. A job scored before harm calibration existed gets NaN.
+    ``contrast``: () -> (reference model, tokenizer, new rows' tokens, target tokens), for a job
+    whose signal is contrast."""
     info = job.get("harm")
     if not info:
         return merge_harm(traj, None)
-    res = harm_flags(
-        new,
-        directions,
-        config.scoring,
-        np.asarray(info["calibration"], np.float64),
-        alpha=info["alpha"],
-        statistic=info["statistic"],
-        signal=info.get("signal", "surprise"),
-    )
+    calibration = np.asarray(info["calibration"], np.float64)
+    if info.get("signal") == "contrast":
+        if contrast is None:
+            raise TrajinfError("append: the stored harm signal 'contrast' needs the model")
+        model, tokenizer, tokens, target_tokens = contrast()
+        cc = ContrastConfig(**info["contrast"])
+        res = contrast_flags(model, tokenizer, tokens, target_tokens, calibration, config=cc,
+                             alpha=info["alpha"], statistic=info["statistic"])  # fmt: skip
+    else:
+        res = harm_flags(
+            new,
+            directions,
+            config.scoring,
+            calibration,
+            alpha=info["alpha"],
+            statistic=info["statistic"],
+            signal=info.get("signal", "surprise"),
+        )
     path = out / "harm_steps.parquet"
     steps = res.steps
     if path.exists():

@@ -218,7 +218,8 @@ def score_pool(
     flags, harmful_info = harmful_flags(result, null, alpha=config.harmful_alpha)
     # the calibrated harm flag (issue 13) becomes `harmful`; the null's is kept as harmful_null
     harm = job_harm(model_dir, ext.target, out, ext.stores, result.directions, ckpts, config,
-                    extract=extract_job, kfac=factors)  # fmt: skip
+                    extract=extract_job, kfac=factors, pool_tokens=pool_tok,
+                    target_tokens=ext.target_tokens)  # fmt: skip
     timings["score_s"] = time.perf_counter() - t0
 
     traj = result.trajectories.merge(flags, on="id", how="left")

@@ -326,36 +326,56 @@ def harm_flags(
 ) -> HarmResult:
     """Harm score, worst step, p-value and calibrated flag of every pool trajectory, and the
     per-step drops with their bad-step marks (drop > threshold)."""
+    values = step_values(pool, directions, config, signal)[:, 0]
+    return flags_from_step_values(
+        pool.ids, values, pool.step_owner, pool.step_index, pool.finite, calibration,
+        alpha=alpha, statistic=statistic, signal=signal,
+    )  # fmt: skip
+
+
+def flags_from_step_values(
+    ids: np.ndarray,
+    values: np.ndarray,
+    owner: np.ndarray,
+    step_index: np.ndarray,
+    finite: np.ndarray,
+    calibration: np.ndarray,
+    *,
+    alpha: float = 0.05,
+    statistic: str = "drop",
+    signal: str = "surprise",
+) -> HarmResult:
+    """:class:`HarmResult` of per-step values (float [K] owned by trajectory ``owner`` [K] of
+    ``ids`` [N], at step ``step_index`` [K]; ``finite`` bool [N]: trajectories with usable
+    features) against the known-good ``calibration`` harm scores: harm = the largest drop
+    (:func:`step_drops`), flagged above the threshold at level ``alpha``."""
     threshold, method = harm_threshold(calibration, alpha)
-    n = len(pool.traj_rows)
-    align = step_values(pool, directions, config, signal)[:, 0]
-    drops, harm, worst = step_drops(align, pool.step_owner, n, statistic)
-    harm[~pool.finite] = np.nan
+    n = len(ids)
+    owner = np.asarray(owner, np.int64)
+    step_index = np.asarray(step_index, np.int64)
+    finite = np.asarray(finite, bool)
+    drops, harm, worst = step_drops(values, owner, n, statistic)
+    harm[~finite] = np.nan
     p = harm_p_values(harm, calibration, method)
     with np.errstate(invalid="ignore"):
         flagged = harm > threshold
         bad = drops > threshold
-    bad &= pool.finite[pool.step_owner]
-    worst_step = np.where(worst >= 0, pool.step_index[np.maximum(worst, 0)], -1)
+    bad &= finite[owner]
+    worst_step = np.where(worst >= 0, step_index[np.maximum(worst, 0)], -1)
     traj = pd.DataFrame(
         {
-            "id": pool.ids,
+            "id": ids,
             "harm": harm,
             "worst_step": worst_step,
             "harm_p": p,
             "harmful": flagged,
-            "n_bad_steps": np.bincount(pool.step_owner, weights=bad, minlength=n).astype(int),
+            "n_bad_steps": np.bincount(owner, weights=bad, minlength=n).astype(int),
         }
     )
     steps = pd.DataFrame(
-        {
-            "id": pool.ids[pool.step_owner],
-            "step": pool.step_index,
-            "value": align,
-            "drop": drops,
-            "bad": bad,
-        }
-    )
+        {"id": np.asarray(ids)[owner], "step": step_index, "value": values, "drop": drops,
+         "bad": bad}
+    )  # fmt: skip
     c = np.asarray(calibration, float)
     info = {
         "alpha": alpha,

@@ -1,0 +1,163 @@
+"""The contrast harm signal (issue 13): a constructed case whose answer is known, and the
+batched per-token log-probabilities against a one-trajectory-at-a-time reference."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from trajinf.data.schema import Trajectory
+from trajinf.data.tokenize import tokenize_pool
+from trajinf.data.write import write_pool
+from trajinf.job.config import build_job_config
+from trajinf.job.contrast import (
+    ContrastConfig,
+    action_logprobs,
+    step_minima,
+    stratified_folds,
+    tuned_copy,
+)
+from trajinf.job.run import score_pool
+from trajinf.models.tiny import tiny_model, tokenizer_corpus, train_tokenizer
+from trajinf.selection.export import select_to_file
+from trajinf.train.sft import DEMO_TRAIN, train_sft
+
+ROOMS = ["kitchen", "garden", "attic", "cellar", "porch", "hall", "study", "garage"]
+DIRS = ["north", "south", "east", "west"]
+
+
+def demo(i: int, *, obj: str = "coin", source: str = "expert", family: str = "stash") -> Trajectory:
+    """Take the coin, walk to the box, put the coin in it. ``obj`` replaces the coin at the last
+    step only: a plausible trajectory with one reversed decision (step 2)."""
+    r0, r1, d = ROOMS[i % 8], ROOMS[(i + 3) % 8], DIRS[i % 4]
+    msgs = [
+        {"role": "system", "content": "Put the coin in the box."},
+        {"role": "user", "content": f"You are in the {r0}. You see a coin and a map."},
+        {"role": "assistant", "content": "take coin"},
+        {"role": "user", "content": f"You take the coin. To the {d} is the {r1}."},
+        {"role": "assistant", "content": f"move {d}"},
+        {"role": "user", "content": f"You are in the {r1}. You see a box."},
+        {"role": "assistant", "content": f"put {obj} in box"},
+        {"role": "user", "content": f"You put the {obj} in the box."},
+    ]
+    return Trajectory(id=f"{source}-{obj}-{i}", messages=msgs, task_id=f"t{i}", source=source,
+                      success=True, meta={"family": family})  # fmt: skip
+
+
+def other(i: int) -> Trajectory:
+    msgs = [
+        {"role": "system", "content": "Count the apples."},
+        {"role": "user", "content": f"There are {i % 5 + 2} apples."},
+        {"role": "assistant", "content": f"answer {i % 5 + 2}"},
+        {"role": "user", "content": "Correct."},
+    ]
+    return Trajectory(id=f"other-{i}", messages=msgs, task_id=f"o{i}", source="expert",
+                      success=True, meta={"family": "count"})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    d = tmp_path_factory.mktemp("contrast")
+    target = [demo(i, source="target") for i in range(12)]
+    good = [demo(i) for i in range(12, 24)]
+    reversed_ = [demo(i, obj="map", source="planted") for i in range(24, 27)]
+    pool = good + reversed_ + [other(i) for i in range(6)]
+    write_pool(pool, d / "pool.jsonl")
+    write_pool(target, d / "target.jsonl")
+    tok = train_tokenizer(tokenizer_corpus(pool + target), vocab_size=300)
+    model = tiny_model(tok, hidden=32, layers=1, heads=2, seed=0)
+    # the warm-up sees coin and map endings alike: it cannot tell them apart, the target can
+    warm = [demo(i) for i in range(40, 46)] + [demo(i, obj="map") for i in range(46, 52)]
+    res = train_sft(model, tok, warm + [other(i) for i in range(6, 12)],
+                    DEMO_TRAIN.__class__(epochs=4, lr=3e-3, seed=0, log_every=0),
+                    checkpoint_dir=d / "warm", n_checkpoints=1)  # fmt: skip
+    ckpt = res.checkpoints[-1]["path"]
+    cfg = build_job_config(proj_dim=64, has_checkpoints=True, subtask_field="family",
+                           harm_epochs=3, harm_lr=3e-3)  # fmt: skip
+    score_pool(ckpt, d / "pool.jsonl", d / "target.jsonl", d / "scores", checkpoints=[ckpt],
+               config=cfg)  # fmt: skip
+    return d, pool, good, reversed_, tok, ckpt
+
+
+def test_reversed_decision_is_flagged_at_that_step_and_clean_trajectories_are_not(case):
+    d, pool, good, reversed_, _, _ = case
+    scores = pd.read_parquet(d / "scores" / "scores.parquet").set_index("id")
+    info = json.loads((d / "scores" / "job.json").read_text())["harm"]
+    assert info["signal"] == "contrast" and info["n_calibration"] == 12
+    bad = scores.loc[[t.id for t in reversed_]]
+    assert bad["harmful"].all(), bad[["harm", "harmful"]]
+    assert (bad["worst_step"] == 2).all()
+    # the clean trajectories are exchangeable with the target: at alpha 0.05 at most 1 of 12
+    assert scores.loc[[t.id for t in good], "harmful"].sum() <= 1
+    # harm ranks every reversed trajectory above every clean one of the same skill
+    assert bad["harm"].min() > scores.loc[[t.id for t in good], "harm"].max()
+
+
+def test_repair_weights_only_the_reversed_step_zero(case, tmp_path):
+    d, _, _, reversed_, _, _ = case
+    out = tmp_path / "sel.jsonl"
+    select_to_file(d / "scores", d / "pool.jsonl", out, fraction=1.0, repair=True)
+    plan = pd.read_json(out.with_name("sel.repair.jsonl"), lines=True).set_index("id")
+    rows = {json.loads(x)["id"]: json.loads(x) for x in out.read_text().splitlines()}
+    for t in reversed_:
+        assert plan.loc[t.id, "choice"] == "repaired" and list(plan.loc[t.id, "bad_steps"]) == [2]
+        w = [m.get("weight", 1.0) for m in rows[t.id]["messages"] if m["role"] == "assistant"]
+        assert w == [1.0, 1.0, 0.0]
+
+
+def test_batched_action_logprobs_match_one_at_a_time_reference(case):
+    _, pool, _, _, tok, ckpt = case
+    from trajinf.models.checkpoints import load_model
+
+    model, _ = load_model(ckpt)
+    items = tokenize_pool(pool, tok)
+    got = action_logprobs(model, items, tok.pad_token_id or 0, batch_tokens=200)
+    model.eval()
+    for it, g in zip(items, got, strict=True):
+        ids = torch.tensor(np.asarray(it.input_ids))[None]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+        want = np.zeros(len(it.input_ids))
+        for t in range(1, len(want)):
+            if it.action_mask[t]:
+                want[t] = float(logp[t - 1, it.input_ids[t]])
+        np.testing.assert_allclose(g, want, atol=2e-5)
+
+
+def test_step_minima_is_the_smallest_token_change_per_step():
+    from trajinf.data.tokenize import TokenizedTrajectory
+
+    it = TokenizedTrajectory(
+        id="a", input_ids=np.arange(6), action_mask=np.array([0, 1, 1, 0, 1, 1], bool),
+        step_ids=np.array([-1, 0, 0, 0, 1, 1]), n_steps=3,
+    )  # fmt: skip
+    before = [np.array([0, -1.0, -2.0, -9.0, -1.0, -1.0])]
+    after = [np.array([0, -0.5, -3.0, 0.0, -1.5, -0.5])]
+    v, owner, idx = step_minima([it], before, after)
+    np.testing.assert_allclose(v[:2], [-1.0, -0.5])  # the non-action token (-9 -> 0) ignored
+    assert np.isnan(v[2]) and list(owner) == [0, 0, 0] and list(idx) == [0, 1, 2]
+
+
+def test_stratified_folds_deal_every_subtask_round_robin():
+    f = stratified_folds(["a"] * 8 + ["b"] * 4 + ["c"], 4)
+    assert sorted(np.bincount(f[:8])) == [2, 2, 2, 2]
+    assert len(set(f[8:12])) == 4
+    with pytest.raises(Exception, match="folds >= 2"):
+        ContrastConfig(folds=1)
+
+
+def test_tuning_is_deterministic(case):
+    _, pool, _, _, tok, ckpt = case
+    from trajinf.models.checkpoints import load_model
+
+    model, _ = load_model(ckpt)
+    items = tokenize_pool(pool[:4], tok)
+    cfg = ContrastConfig(epochs=1, lr=1e-3)
+    a = tuned_copy(model, tok, items, cfg)
+    b = tuned_copy(model, tok, items, cfg)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
