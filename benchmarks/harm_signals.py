@@ -6,6 +6,10 @@ every (variant, signal, statistic) from its stores, and prints the harm rows of 
 demos and recall on planted ones (exact 95 % intervals), localization top-1.
 
     python benchmarks/harm_signals.py runs/bench-harm            # both envs, inf + inf-kfac-cos
+
+It also measures the ``contrast`` signal (:mod:`trajinf.job.contrast`, the job's default) from
+the run's pool, target demos and models, at two references: the run's last warm-up checkpoint
+(the model the bench scores with) and the base agent (no warm-up).
 """
 
 from __future__ import annotations
@@ -97,6 +101,37 @@ def ekfac_rows(root: Path, plan, cfg, data, scn) -> dict:
                        families=data.demo.target_families)  # fmt: skip
 
 
+def contrast_rows(d: Path, pool, families, budget: float) -> dict:
+    """Harm rows of the contrast signal at the warm-up checkpoint and at the base agent, with
+    the job's default settings (:class:`trajinf.job.config.ScoreJobConfig`)."""
+    from trajinf.data.tokenize import tokenize_pool
+    from trajinf.job.config import ScoreJobConfig
+    from trajinf.job.contrast import contrast_harm
+    from trajinf.job.harm import contrast_config
+    from trajinf.models.checkpoints import load_model
+
+    jc = ScoreJobConfig()
+    target = load_pool(d / "data" / "target_demos.jsonl")
+    refs = {"warm": sorted((d / "data" / "models" / "warmup").glob("checkpoint-*"))[-1],
+            "base": d / "data" / "models" / "base"}  # fmt: skip
+    steps = pd.DataFrame({"id": [], "step": [], "score": []})
+    out = {}
+    for name, ref in refs.items():
+        model, tok = load_model(ref)
+        h = contrast_harm(
+            model, tok, tokenize_pool(pool, tok), tokenize_pool(target, tok),
+            subtasks=[t.meta.get("family") for t in target], config=contrast_config(jc),
+            alpha=jc.harmful_alpha,
+        )  # fmt: skip
+        # selection shares: the default influence scores of the run, this flag and plan
+        scores, steps, _ = read_scores(d / "mixed" / "scores" / "inf")
+        table = scores.drop(columns=["harm", "harmful", "worst_step"], errors="ignore")
+        table = table.merge(h.trajectories[["id", "harm", "harmful"]], on="id")
+        rep = harm_report(pool, table, steps, h.steps, budget=budget, families=families)
+        out[name] = {**rep, "threshold": h.info["threshold"], "method": h.info["method"]}
+    return out
+
+
 def main(root: Path, variants=("inf", "inf-kfac-cos")) -> dict:
     torch.set_num_threads(1)
     cfg = BenchConfig.harm()
@@ -112,6 +147,10 @@ def main(root: Path, variants=("inf", "inf-kfac-cos")) -> dict:
             demo=SimpleNamespace(target_families=info["target_families"], base_dir=None,
                                  warm_dir=None)
         )  # fmt: skip
+        for ref, rep in contrast_rows(d, scn.pool, info["target_families"], cfg.headline).items():
+            key = f"{plan.env}|contrast@{ref}|contrast|drop"
+            out[key] = rep
+            print(_line(key, rep), flush=True)
         for v in variants:
             sdir = d / "mixed" / "scores" / v
             if not (sdir / "scores.parquet").exists():

@@ -9,6 +9,11 @@ Runs are interleaved and the best of --repeats kept, so load changes on a shared
 both sides. Prints JSON (tokens/s, ratios extraction / training).
 
     python benchmarks/real_model.py --threads 1 --items 4 --tokens 512 --out real.json
+
+On a GPU (``--device cuda``), ``--config-only DIR`` builds the model from ``DIR/config.json``
+with random weights: the timing of a forward/backward does not depend on the weights, and a
+config travels where a 500 MB checkpoint cannot. ``--dtype bf16`` times bf16 weights (features
+stay fp32).
 """
 
 from __future__ import annotations
@@ -53,11 +58,24 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--config-only", default=None, help="random weights from DIR/config.json")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     t0 = time.perf_counter()
-    model, _tok = load_model(args.model)
+    if args.config_only:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.config_only))
+        args.model = f"{args.config_only} (architecture only, random weights)"
+    else:
+        model, _tok = load_model(args.model)
+    model = model.to(device=args.device, dtype=dtype)
     load_s = time.perf_counter() - t0
     model.eval()
     vocab = model.config.vocab_size
@@ -68,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         "params": sum(p.numel() for p in model.parameters()),
         "load_s": load_s,
         "args": vars(args),
-        "machine": machine_info("cpu"),
+        "machine": machine_info(args.device),
         "full": measure(model, pool, cfg, args.batch_tokens, args.repeats),
     }
     lora = wrap_lora(copy.deepcopy(model), rank=args.lora_rank).eval()

@@ -74,6 +74,7 @@ def time_training(model: torch.nn.Module, items: Sequence, batch_tokens: int) ->
     model.zero_grad(set_to_none=True)
     steps = [item_steps(it, ActionNLL()) for it in items]
     device = next(model.parameters()).device
+    sync(device)
     start = time.perf_counter()
     for group in plan_batches([len(it.input_ids) for it in items], batch_tokens):
         batch = make_batch([items[i] for i in group], [steps[i] for i in group], device)
@@ -81,6 +82,7 @@ def time_training(model: torch.nn.Module, items: Sequence, batch_tokens: int) ->
         loss = (token_nll(logits, batch.input_ids) * batch.token_weight).sum()
         del logits
         loss.backward()
+    sync(device)
     elapsed = time.perf_counter() - start
     model.zero_grad(set_to_none=True)
     return elapsed
@@ -88,10 +90,20 @@ def time_training(model: torch.nn.Module, items: Sequence, batch_tokens: int) ->
 
 def time_extraction(model: torch.nn.Module, items: Sequence, config: ExtractionConfig) -> float:
     """Seconds to extract (and discard) the features of all items."""
+    device = next(model.parameters()).device
+    sync(device)
     start = time.perf_counter()
     for _ in extract_features(model, items, config):
         pass
+    sync(device)
     return time.perf_counter() - start
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously: a timer without this
+    measures launches, not work)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def cpu_model() -> str:
