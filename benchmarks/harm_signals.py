@@ -6,6 +6,7 @@ every (variant, signal, statistic) from its stores, and prints the harm rows of 
 demos and recall on planted ones (exact 95 % intervals), localization top-1.
 
     python benchmarks/harm_signals.py runs/bench-harm            # both envs, inf + inf-kfac-cos
+    python benchmarks/harm_signals.py runs/bench-harm --contrast-only
 
 It also measures the ``contrast`` signal (:mod:`trajinf.job.contrast`, the job's default) from
 the run's pool, target demos and models, at two references: the run's last warm-up checkpoint
@@ -101,6 +102,36 @@ def ekfac_rows(root: Path, plan, cfg, data, scn) -> dict:
                        families=data.demo.target_families)  # fmt: skip
 
 
+def heldout_warmup(d: Path, pool, target, families, per_family: int = 8) -> Path:
+    """The issue's second warm-up choice: the base agent trained like the pool warm-up (2
+    epochs, the demo's recipe) on expert demos of the target families from tasks in neither the
+    pool nor the target (``per_family`` each), cached under ``data/models/warmup-heldout``."""
+    from dataclasses import replace
+
+    from trajinf.envs import make_env
+    from trajinf.envs.policies import ExpertPolicy
+    from trajinf.envs.rollout import rollout
+    from trajinf.models.checkpoints import load_model
+    from trajinf.train.sft import DEMO_TRAIN, train_sft
+
+    out = d / "data" / "models" / "warmup-heldout"
+    if (out / "config.json").exists():
+        return out
+    env = make_env(d.name)
+    used = {str(t.task_id) for t in [*pool, *target]}
+    tasks = [t for t in env.tasks("train", 400, 4242) if str(t.id) not in used]
+    chosen = [t for f in families for t in [t for t in tasks if t.family == f][:per_family]]
+    tools = any(m.get("tool_calls") for t in pool for m in t.messages)
+    demos = rollout(env, chosen, ExpertPolicy(), source="expert", with_tools=tools,
+                    id_prefix="heldout")  # fmt: skip
+    model, tok = load_model(d / "data" / "models" / "base")
+    train_sft(model, tok, demos, replace(DEMO_TRAIN, epochs=2, seed=0, log_every=0))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    print(f"{d.name}: held-out warm-up on {len(demos)} demos of {families}", flush=True)
+    return out
+
+
 def contrast_rows(d: Path, pool, families, budget: float) -> dict:
     """Harm rows of the contrast signal at the warm-up checkpoint and at the base agent, with
     the job's default settings (:class:`trajinf.job.config.ScoreJobConfig`)."""
@@ -113,6 +144,7 @@ def contrast_rows(d: Path, pool, families, budget: float) -> dict:
     jc = ScoreJobConfig()
     target = load_pool(d / "data" / "target_demos.jsonl")
     refs = {"warm": sorted((d / "data" / "models" / "warmup").glob("checkpoint-*"))[-1],
+            "heldout": heldout_warmup(d, pool, target, families),
             "base": d / "data" / "models" / "base"}  # fmt: skip
     steps = pd.DataFrame({"id": [], "step": [], "score": []})
     out = {}
@@ -132,7 +164,7 @@ def contrast_rows(d: Path, pool, families, budget: float) -> dict:
     return out
 
 
-def main(root: Path, variants=("inf", "inf-kfac-cos")) -> dict:
+def main(root: Path, variants=("inf", "inf-kfac-cos"), ekfac: bool = True) -> dict:
     torch.set_num_threads(1)
     cfg = BenchConfig.harm()
     out: dict = {}
@@ -178,7 +210,7 @@ def main(root: Path, variants=("inf", "inf-kfac-cos")) -> dict:
                     out[key] = {**rep, "threshold": h.info["threshold"],
                                 "method": h.info["method"]}  # fmt: skip
                     print(_line(key, rep), flush=True)
-        if (d / "mixed" / "scores" / "inf-kfac-cos" / "kfac").exists():
+        if ekfac and (d / "mixed" / "scores" / "inf-kfac-cos" / "kfac").exists():
             rep = ekfac_rows(root, plan, cfg, data, scn)
             out[f"{plan.env}|inf-ekfac-cos|alignment|drop"] = rep
             print(_line(f"{plan.env}|inf-ekfac-cos|alignment|drop", rep), flush=True)
@@ -200,6 +232,11 @@ def _line(key: str, r: dict) -> str:
 
 
 if __name__ == "__main__":
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/bench-harm")
-    res = main(root)
-    (root / "harm_signals.json").write_text(json.dumps(res, indent=1, default=str))
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    only = "--contrast-only" in sys.argv  # the contrast rows, merged into an existing JSON
+    root = Path(args[0] if args else "runs/bench-harm")
+    res = main(root, variants=() if only else ("inf", "inf-kfac-cos"), ekfac=not only)
+    path = root / "harm_signals.json"
+    if only and path.exists():
+        res = {**json.loads(path.read_text()), **res}
+    path.write_text(json.dumps(res, indent=1, default=str))

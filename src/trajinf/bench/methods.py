@@ -93,6 +93,10 @@ BENCH_METHODS: dict[str, Method] = {
         for tag, mode in (("-noee", "none"), ("+allee", "all"), ("+selee", "selected"))
     },
     "random": Method("random", "random", None),
+    # task-matched baselines (issue 15): random / success-only among the pool trajectories of
+    # the target's families, what task metadata alone knows (loop.steps.select_for_method)
+    "task-random": Method("task-random", "task-random", None),
+    "task-success": Method("task-success", "task-success", None),
     "full": Method("full", "full", None),
     "success": Method("success", "success", None),
     "rds": Method("rds", "rds"),  # RDS+: hidden-state cosine (statistics of the inf run)

@@ -29,7 +29,7 @@ from trajinf.bench.scenarios import build_bench_data
 from trajinf.data.write import write_pool
 from trajinf.envs import make_env
 from trajinf.errors import TrajinfError
-from trajinf.loop.steps import harmful_detection
+from trajinf.loop.steps import TASK_MATCHED, harmful_detection, select_for_method
 from trajinf.selection.priors import step_prior, trajectory_prior
 from trajinf.selection.select import select, zero_variance_filter
 
@@ -258,6 +258,9 @@ def _select(method: str, scn, scored, budget: float, seed: int, env=None):
         return _select_early(m, early, scn, s, budget, seed)
     if m.options.get("harm"):  # keep / drop / repair by the calibrated harm flag (issue 13)
         return harm_selection(scn.pool, s, budget, m.options["harm"])
+    if m.select in TASK_MATCHED:
+        fams = sorted({str(t.meta["family"]) for t in scn.target if t.meta.get("family")})
+        return select_for_method(m.select, scn.pool, fams, budget=budget, seed=seed)
     # the budget is a fraction of the whole pool, whatever a filter removed first
     fraction = 1.0 if m.full else min(1.0, budget * len(scn.pool) / max(1, len(pool)))
     sel = select(
