@@ -224,6 +224,12 @@ def test_flood_quick_through_cli(tmp_path, monkeypatch):
     assert base[0]["success"] == base[1]["success"]  # no fine-tuning: the agent stays
     rs1 = next(r for r in rows if r["method"] == "rs" and r["round"] == 1)
     assert rs1["n_selected"] == round(rs1["pool"]["success_rate"] * rs1["pool"]["n"])
+    # rs+ee: the budget's successes plus as many early-experience examples of their states
+    for r in (r for r in rows if r["method"] == "rs+ee"):
+        assert r["selected_success"] == 1.0 and 0 < r["n_early"] <= r["n_selected"]
+        sel = (out / "flood" / "builtin" / "seed0" / "rs+ee" / f"selection-r{r['round']}.jsonl")
+        ids = [json.loads(x)["id"] for x in sel.read_text().splitlines()]
+        assert sum(i.startswith("ee-") for i in ids) == r["n_early"]
     assert (out / "flood" / "flood.html").read_text().count("<polyline") == len(cfg["methods"])
     # resumable: a second run finds every row done and rebuilds nothing
     before = (out / "flood" / "builtin" / "rounds.jsonl").read_text()

@@ -34,6 +34,8 @@ FLOOD_METHODS: dict[str, str] = {
     "base": "no fine-tuning: the agent as it is",
     "rs": "rejection sampling: every successful rollout (RFT / STaR / expert iteration)",
     "rs-budget": "a random budget-sized subset of the successes",
+    "rs+ee": "rs-budget plus as many early-experience examples (world model + reflection, 1 "
+    "alternative per state) from the states of those successes (arXiv 2510.08558)",
     "rs-rare": "successes drawn with weight 1 / pass rate of their task (rarely solved first)",
     "dapo": "DAPO group filter (drop all-success / all-fail tasks), then a random budget",
     "random": "a random budget-sized subset",
@@ -51,7 +53,7 @@ FLOOD_METHODS: dict[str, str] = {
 }
 NEEDS_SCORES = {m for m in FLOOD_METHODS if m.startswith("inf") or m in ("rds", "loss")}
 DEFAULT_METHODS = (
-    "base", "rs", "rs-budget", "rs-rare", "dapo", "random", "full", "rds", "loss",
+    "base", "rs", "rs-budget", "rs+ee", "rs-rare", "dapo", "random", "full", "rds", "loss",
     "inf-less", "inf-smf", "inf-adv", "inf-adv|succ", "inf-adv|succ*rare", "inf-adv|succ/task",
     "inf-adv*branch",
 )  # fmt: skip
@@ -249,7 +251,7 @@ def select_flood(
         return list(ids[rng.permutation(n)[:k]]), None, info
     if method == "rs":
         return list(ids[succ]), None, info
-    if method == "rs-budget":
+    if method in ("rs-budget", "rs+ee"):  # rs+ee: the rounds driver adds the examples
         s = ids[succ]
         return list(s[rng.permutation(len(s))[:k]]), None, info
     rates = pass_rates(pool)
@@ -313,8 +315,8 @@ def select_flood(
 
 # past round 1 (each round of each method samples, scores and trains anew): the practitioner's
 # filters and the influence variants that keep to successes
-LATER_METHODS = ("base", "rs", "rs-budget", "rs-rare", "random", "inf-adv", "inf-adv|succ",
-                 "inf-adv|succ*rare", "inf-adv|succ/task")  # fmt: skip
+LATER_METHODS = ("base", "rs", "rs-budget", "rs+ee", "rs-rare", "random", "inf-adv",
+                 "inf-adv|succ", "inf-adv|succ*rare", "inf-adv|succ/task")  # fmt: skip
 # the families the tiny ToolWorld agent half-learns (cook and sort stay near 0 at this size)
 BUILTIN_TARGETS = ("repair", "unlock")
 
@@ -343,7 +345,7 @@ def flood_preset(env: str, *, quick: bool = False) -> FloodConfig:
             rounds=2,
             seeds=1,
             proj_dim=256,
-            methods=("base", "rs", "random", "inf-adv", "inf-adv|succ"),
+            methods=("base", "rs", "rs+ee", "random", "inf-adv", "inf-adv|succ"),
         )
     if env == "builtin":
         agent = AgentConfig(

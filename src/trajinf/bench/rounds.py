@@ -205,6 +205,17 @@ def run_flood(config: FloodConfig, out: str | Path, *, log=print, progress=None)
                     "cost_epochs": sel_s / epoch_s if epoch_s else None,
                     "info": info,
                 }
+                if method.endswith("+ee"):  # early experience from the picked successes
+                    from trajinf.envs.early_experience import early_experience
+
+                    extra = early_experience(env, [t for t in chosen if t.success], k=1,
+                                             seed=sample_seed)  # fmt: skip
+                    # as many examples as picked trajectories (all of them drown the agent:
+                    # 207 examples next to 13 successes took ToolWorld's agent to 0 success)
+                    pick = np.random.default_rng(sample_seed).permutation(len(extra))
+                    extra = [extra[i] for i in sorted(pick[: len(chosen)])]
+                    row["n_early"] = len(extra)
+                    chosen = chosen + extra
                 if method == "base":
                     ev, ft = base_eval, {"steps": 0, "seconds": 0.0}
                 else:
@@ -230,7 +241,7 @@ def run_flood(config: FloodConfig, out: str | Path, *, log=print, progress=None)
                 log(
                     f"flood {config.env} seed {seed} {method} round {rnd}: success "
                     f"{row['success']:.3f}, expansion {row['expansion']}, picked "
-                    f"{len(chosen)} ({row['selected_success']:.2f} successful)"
+                    f"{row['n_selected']} ({row['selected_success']:.2f} successful)"
                 )
                 if tick:
                     tick(1)
