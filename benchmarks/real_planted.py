@@ -8,6 +8,12 @@ with its own chat template (refused when it drops tool calls) and once with --ch
 chatml-tools. Reports AUROC(score: helpful > planted).
 
     python benchmarks/real_planted.py --out planted.json
+    python benchmarks/real_planted.py --contrast-only --harm-lr 1e-5 --harm-lr 1e-4
+
+``--contrast-only``: only the contrast harm signal (trajinf.job.contrast: tune the pretrained
+model on the target, per-token log-prob change of the pool's actions), with chatml-tools, at
+each ``--harm-lr``: AUROC(harm: planted > helpful), the calibrated flag's FPR on the helpful
+demos and recall on the planted ones, localization of the planted step.
 """
 
 from __future__ import annotations
@@ -53,6 +59,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-tokens", type=int, default=2048, help="8192 takes ~15 GB here")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--contrast-only", action="store_true")
+    ap.add_argument("--harm-lr", type=float, action="append", default=None)
+    ap.add_argument("--harm-epochs", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -60,6 +69,9 @@ def main(argv: list[str] | None = None) -> dict:
     labels = [not t.meta.get("planted") for t in pool]
     out: dict = {"args": vars(args), "families": fams, "n_helpful": sum(labels)}
     out["n_planted"] = len(pool) - out["n_helpful"]
+    if args.contrast_only:
+        out["contrast"] = contrast_rows(args, pool, target)
+        return _emit(out, args.out)
     with tempfile.TemporaryDirectory() as tmp:
         for name, template in (("own template", None), ("chatml-tools", "chatml-tools")):
             cfg = build_job_config(
@@ -84,10 +96,48 @@ def main(argv: list[str] | None = None) -> dict:
                 "auroc_helpful_over_planted": auroc(scores, labels),
                 "seconds": time.perf_counter() - t0,
             }
+    return _emit(out, args.out)
+
+
+def contrast_rows(args, pool, target) -> dict:
+    """The contrast harm rows of the pretrained model at each --harm-lr (chatml-tools)."""
+    from trajinf.data.tokenize import tokenize_pool
+    from trajinf.job.contrast import ContrastConfig, contrast_harm
+    from trajinf.models.checkpoints import load_model
+    from trajinf.scoring.calibration import flag_rate
+
+    model, tok = load_model(args.model, chat_template="chatml-tools")
+    p_tok, t_tok = tokenize_pool(pool, tok), tokenize_pool(target, tok)
+    planted = [bool(t.meta.get("planted")) for t in pool]
+    rows = {}
+    for lr in args.harm_lr or [1e-3]:
+        t0 = time.perf_counter()
+        cfg = ContrastConfig(
+            epochs=args.harm_epochs, lr=lr, folds=3, batch_tokens=args.batch_tokens
+        )
+        h = contrast_harm(model, tok, p_tok, t_tok, subtasks=[t.meta["family"] for t in target],
+                          config=cfg)  # fmt: skip
+        tr = h.trajectories.set_index("id").loc[[t.id for t in pool]]
+        flags = tr["harmful"].to_numpy(bool)
+        hits = [int(tr.at[t.id, "worst_step"]) in set(t.meta["planted_steps"])
+                for t, p in zip(pool, planted, strict=True) if p]  # fmt: skip
+        rows[str(lr)] = {
+            "auroc_planted_over_helpful": auroc(tr["harm"].to_numpy(float), planted),
+            "fpr_helpful": flag_rate(flags[[not p for p in planted]]),
+            "recall_planted": flag_rate(flags[planted]),
+            "planted_step_top1": sum(hits) / max(1, len(hits)),
+            "threshold": h.info["threshold"],
+            "seconds": time.perf_counter() - t0,
+        }
+        print(lr, {k: v for k, v in rows[str(lr)].items() if k != "fpr_helpful"}, flush=True)
+    return rows
+
+
+def _emit(out: dict, path: str | None) -> dict:
     text = json.dumps(out, indent=2)
     print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    if path:
+        Path(path).write_text(text)
     return out
 
 
