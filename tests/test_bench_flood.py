@@ -227,7 +227,7 @@ def test_flood_quick_through_cli(tmp_path, monkeypatch):
     # rs+ee: the budget's successes plus as many early-experience examples of their states
     for r in (r for r in rows if r["method"] == "rs+ee"):
         assert r["selected_success"] == 1.0 and 0 < r["n_early"] <= r["n_selected"]
-        sel = (out / "flood" / "builtin" / "seed0" / "rs+ee" / f"selection-r{r['round']}.jsonl")
+        sel = out / "flood" / "builtin" / "seed0" / "rs+ee" / f"selection-r{r['round']}.jsonl"
         ids = [json.loads(x)["id"] for x in sel.read_text().splitlines()]
         assert sum(i.startswith("ee-") for i in ids) == r["n_early"]
     assert (out / "flood" / "flood.html").read_text().count("<polyline") == len(cfg["methods"])
