@@ -3,6 +3,8 @@ another task seed, more seeds, and the methods the first run singled out, so a r
 found there is tested where it was not found.
 
     python benchmarks/flood_confirm.py --out runs/flood-confirm2 --seed 200 --seeds 10
+    python benchmarks/flood_confirm.py --out runs/flood-confirm3 --seed 300 \
+        --methods base,rs,rs-inf,rs-harm
 
 Prints and writes (OUT/flood.md, OUT/flood.json) the same tables as `trajinf bench --scenarios
 flood`; resumable (rows are kept in OUT/builtin/rounds.jsonl).
@@ -26,9 +28,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=200, help="task seed (the preset's is 0)")
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma list")
     args = ap.parse_args(argv)
+    methods = tuple(m for m in args.methods.split(",") if m)
     cfg = replace(flood_preset("builtin"), seed=args.seed, seeds=args.seeds, rounds=args.rounds,
-                  methods=METHODS, later_methods=None)  # fmt: skip
+                  methods=methods, later_methods=None)  # fmt: skip
     return run_flood_bench([cfg], args.out)
 
 

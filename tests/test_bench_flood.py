@@ -109,6 +109,21 @@ def test_influence_selections_against_sorting():
     assert ids == list(ref.index[:k])
 
 
+def test_rs_filters_drop_the_lowest_quarter_or_the_flagged_successes():
+    pool = _pool()
+    rng = np.random.default_rng(1)
+    values = {t.id: float(rng.normal()) for t in pool}
+    scored = _scored(pool, values)
+    succ = [t.id for t in pool if t.success]
+    ids, _, info = select_flood("rs-inf", pool, budget=0.1, seed=0, scored=scored)
+    worst = sorted(succ, key=lambda i: values[i])[: len(succ) // 4]
+    assert ids == [i for i in succ if i not in worst] and info["n_dropped_successes"] == len(worst)
+    flagged = set(succ[:2]) | {t.id for t in pool if not t.success}
+    scored.scores["less"]["harmful"] = scored.scores["less"]["id"].isin(flagged)
+    ids, _, info = select_flood("rs-harm", pool, budget=0.1, seed=0, scored=scored)
+    assert ids == succ[2:] and info["n_flagged_successes"] == 2
+
+
 def test_per_task_influence_spreads_over_tasks():
     """inf-adv|succ/task: reference by loops: repeatedly take each task's best remaining
     success, tasks in order of that success's score."""

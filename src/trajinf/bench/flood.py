@@ -37,6 +37,10 @@ FLOOD_METHODS: dict[str, str] = {
     "rs+ee": "rs-budget plus as many early-experience examples (world model + reflection, 1 "
     "alternative per state) from the states of those successes (arXiv 2510.08558)",
     "rs-rare": "successes drawn with weight 1 / pass rate of their task (rarely solved first)",
+    "rs-inf": "rejection sampling minus the quarter of the successes with the lowest inf-adv "
+    "score (influence as a filter on rs, not a budget pick)",
+    "rs-harm": "rejection sampling minus the successes the contrast harm flag marks (tuned on "
+    "the target demos; trajinf.job.contrast)",
     "dapo": "DAPO group filter (drop all-success / all-fail tasks), then a random budget",
     "random": "a random budget-sized subset",
     "full": "the whole pool",
@@ -51,7 +55,9 @@ FLOOD_METHODS: dict[str, str] = {
     "inf-adv*gv": "inf-adv ranking with DRO group-variance step weights",
     "inf-adv*branch": "inf-adv ranking with Tree-GRPO branch-credit step weights",
 }
-NEEDS_SCORES = {m for m in FLOOD_METHODS if m.startswith("inf") or m in ("rds", "loss")}
+NEEDS_SCORES = {
+    m for m in FLOOD_METHODS if m.startswith("inf") or m in ("rds", "loss", "rs-inf", "rs-harm")
+}
 DEFAULT_METHODS = (
     "base", "rs", "rs-budget", "rs+ee", "rs-rare", "dapo", "random", "full", "rds", "loss",
     "inf-less", "inf-smf", "inf-adv", "inf-adv|succ", "inf-adv|succ*rare", "inf-adv|succ/task",
@@ -274,6 +280,11 @@ def select_flood(
     if method in ("rds", "loss"):
         sel = select(method, list(pool), fraction=k / n, statistics=scored.statistics, seed=seed)
         return sel.ids[:k], None, info
+    if method == "rs-harm":  # the job's calibrated flag (scores of the demo-target run)
+        flagged = scored.scores["less"].set_index(scored.scores["less"]["id"].astype(str))
+        flagged = flagged["harmful"].reindex([str(i) for i in ids]).fillna(False).to_numpy(bool)
+        info["n_flagged_successes"] = int((flagged & succ).sum())
+        return list(ids[succ & ~flagged]), None, info
     mode = {"inf-less": "less", "inf-smf": "smf"}.get(method, "adv")
     table = scored.scores[mode].set_index(scored.scores[mode]["id"].astype(str))["score"]
     table = table.reindex([str(i) for i in ids])
@@ -284,6 +295,11 @@ def select_flood(
     if method in ("inf-less", "inf-smf", "inf-adv"):
         order = rank.sort_values(ascending=False, kind="stable").index
         return list(order[:k]), None, info
+    if method == "rs-inf":  # drop the lowest-scored quarter of the successes
+        r = table[succ].fillna(-np.inf).sort_values(ascending=False, kind="stable")
+        keep = r.index[: len(r) - len(r) // 4]
+        info["n_dropped_successes"] = len(r) - len(keep)
+        return [i for i in map(str, ids) if i in set(keep)], None, info
     if method in ("inf-adv|succ", "inf-adv|succ*rare"):
         r = _rank01(table[succ])  # percentile among the successes
         if method.endswith("*rare"):
