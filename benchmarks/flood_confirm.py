@@ -29,10 +29,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--methods", default=",".join(METHODS), help="comma list")
+    ap.add_argument("--planted", type=int, default=0, help="wrong-reason successes per round")
     args = ap.parse_args(argv)
     methods = tuple(m for m in args.methods.split(",") if m)
     cfg = replace(flood_preset("builtin"), seed=args.seed, seeds=args.seeds, rounds=args.rounds,
-                  methods=methods, later_methods=None)  # fmt: skip
+                  methods=methods, later_methods=None, planted=args.planted)  # fmt: skip
     return run_flood_bench([cfg], args.out)
 
 

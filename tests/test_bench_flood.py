@@ -122,6 +122,9 @@ def test_rs_filters_drop_the_lowest_quarter_or_the_flagged_successes():
     scored.scores["less"]["harmful"] = scored.scores["less"]["id"].isin(flagged)
     ids, _, info = select_flood("rs-harm", pool, budget=0.1, seed=0, scored=scored)
     assert ids == succ[2:] and info["n_flagged_successes"] == 2
+    pool[0].meta["planted"] = True  # a success for the wrong reason: the oracle drops it
+    ids, _, _ = select_flood("rs-oracle", pool, budget=0.1, seed=0)
+    assert ids == [t.id for t in pool if t.success and not t.meta.get("planted")]
 
 
 def test_per_task_influence_spreads_over_tasks():
@@ -277,3 +280,24 @@ def test_report_escapes_method_names_and_plots_each_method():
     assert "0.125 ± 0.035" in md  # round 1 of both methods: 0.1 and 0.15 over 2 seeds
     svg = round_plot_svg(res)
     assert svg.count("<polyline") == 2 and svg.count("<circle") == 4
+
+
+@pytest.mark.slow
+def test_planted_successes_join_the_flood_and_the_oracle_drops_them(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from trajinf.bench.flood import flood_preset
+    from trajinf.bench.rounds import run_flood
+
+    monkeypatch.setenv("TRAJINF_CACHE", str(tmp_path / "cache"))
+    cfg = replace(flood_preset("builtin", quick=True), rounds=1, planted=4,
+                  methods=("rs", "rs-oracle"))  # fmt: skip
+    res = run_flood(cfg, tmp_path / "f", log=lambda *a: None)
+    rows = {r["method"]: r for r in res["rows"]}
+    pool = [json.loads(x) for x in (tmp_path / "f" / "seed0" / "r1" / "pool.jsonl").open()]
+    planted = [p for p in pool if p.get("meta", {}).get("planted")]
+    # labelled successful, disguised as the agent's own rollouts
+    assert planted and all(p["success"] and p["source"] == "self" for p in planted)
+    assert rows["rs"]["selected_planted"] == len(planted)
+    assert rows["rs-oracle"]["selected_planted"] == 0
+    assert rows["rs-oracle"]["n_selected"] == rows["rs"]["n_selected"] - len(planted)

@@ -41,6 +41,8 @@ FLOOD_METHODS: dict[str, str] = {
     "score (influence as a filter on rs, not a budget pick)",
     "rs-harm": "rejection sampling minus the successes the contrast harm flag marks (tuned on "
     "the target demos; trajinf.job.contrast)",
+    "rs-oracle": "rejection sampling minus the planted (wrong-reason) successes, by their hidden "
+    "label: what a perfect filter is worth (benchmark only)",
     "dapo": "DAPO group filter (drop all-success / all-fail tasks), then a random budget",
     "random": "a random budget-sized subset",
     "full": "the whole pool",
@@ -75,6 +77,10 @@ class FloodConfig:
     k: int = 8  # rollouts per task
     temperature: float = 1.0
     n_experts: int = 0  # expert demos in the pool (kept < 10 % of it)
+    # successes for the wrong reason: planted-harmful rollouts (the family's wrong rule at its
+    # decision point) added to each round's flood, labelled successful like a buggy verifier
+    # would, source "self"; the truth stays in meta["planted"]
+    planted: int = 0
     n_target_demos: int = 2  # expert demos per target family (inf-less / RDS+ target)
     n_test_tasks: int = 40  # test tasks drawn (target families kept)
     budget: float = 0.1
@@ -257,6 +263,8 @@ def select_flood(
         return list(ids[rng.permutation(n)[:k]]), None, info
     if method == "rs":
         return list(ids[succ]), None, info
+    if method == "rs-oracle":
+        return [t.id for t in pool if t.success and not t.meta.get("planted")], None, info
     if method in ("rs-budget", "rs+ee"):  # rs+ee: the rounds driver adds the examples
         s = ids[succ]
         return list(s[rng.permutation(len(s))[:k]]), None, info

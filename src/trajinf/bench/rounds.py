@@ -106,7 +106,7 @@ def run_flood(config: FloodConfig, out: str | Path, *, log=print, progress=None)
     from trajinf.data.trajectories import load_pool
     from trajinf.data.write import write_pool
     from trajinf.envs import make_env
-    from trajinf.envs.policies import ExpertPolicy
+    from trajinf.envs.policies import ExpertPolicy, PlantedHarmfulPolicy
     from trajinf.envs.rollout import rollout
     from trajinf.models.checkpoints import load_model
 
@@ -116,6 +116,8 @@ def run_flood(config: FloodConfig, out: str | Path, *, log=print, progress=None)
     out.mkdir(parents=True, exist_ok=True)
     # rows are keyed by (method, seed, round): more seeds, rounds or methods extend a run
     ident = {k: v for k, v in asdict(config).items() if k not in EXTENSIBLE}
+    if not ident.get("planted"):  # runs made before the field existed stay resumable
+        ident.pop("planted", None)
     stamp = json.dumps(ident, sort_keys=True, default=str)
     if (out / "config.json").exists() and (out / "config.json").read_text() != stamp:
         raise_changed(out)
@@ -175,7 +177,16 @@ def run_flood(config: FloodConfig, out: str | Path, *, log=print, progress=None)
                         env, m, t, train, k=config.k, temperature=config.temperature,
                         seed=sample_seed, prefix=f"r{rnd}",
                     )  # fmt: skip
-                    return experts + self_
+                    planted = []
+                    if config.planted:
+                        rng = np.random.default_rng(sample_seed)
+                        pick = [train[i] for i in rng.permutation(len(train))[: config.planted]]
+                        planted = rollout(
+                            env, pick, PlantedHarmfulPolicy(), source="self", seed=sample_seed,
+                            id_prefix=f"r{rnd}-pl", with_tools=False,
+                        )  # fmt: skip
+                        planted = [t for t in planted if t.meta.get("planted")]
+                    return experts + self_ + planted
 
                 pool = _pool(rdir / "pool.jsonl", make)
                 if epoch_s is None:
@@ -201,6 +212,7 @@ def run_flood(config: FloodConfig, out: str | Path, *, log=print, progress=None)
                     "n_selected": len(chosen),
                     "selected_success": sum(bool(t.success) for t in chosen) / max(1, len(chosen)),
                     "selected_tasks": len({t.task_id for t in chosen}),
+                    "selected_planted": sum(bool(t.meta.get("planted")) for t in chosen),
                     "select_seconds": sel_s,
                     "cost_epochs": sel_s / epoch_s if epoch_s else None,
                     "info": info,
