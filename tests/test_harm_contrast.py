@@ -161,3 +161,14 @@ def test_tuning_is_deterministic(case):
     b = tuned_copy(model, tok, items, cfg)
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_report_shows_the_flagged_trajectories_with_their_bad_step(case, tmp_path):
+    from trajinf.report import write_score_report
+
+    d, _, _, reversed_, _, _ = case
+    html = write_score_report(d / "scores", d / "pool.jsonl", tmp_path / "r.html").read_text()
+    assert "Flagged as harmful" in html
+    for t in reversed_:
+        assert t.id in html
+    assert html.count("harm: bad step") >= 1 + len(reversed_)  # the legend and each bad step
