@@ -40,6 +40,7 @@ import torch
 
 from trajinf.data.tokenize import TokenizedTrajectory
 from trajinf.errors import TrajinfError
+from trajinf.gradients.batching import plan_batches
 from trajinf.scoring.calibration import HarmResult, flags_from_step_values, step_drops
 from trajinf.train.sft import TrainConfig, collate, token_logprobs, train_sft
 
@@ -75,12 +76,7 @@ def action_logprobs(
     was_training = model.training
     model.eval()
     out: list[np.ndarray | None] = [None] * len(items)
-    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
-    batch: list[int] = []
-
-    def flush() -> None:
-        if not batch:
-            return
+    for batch in plan_batches([len(it.input_ids) for it in items], batch_tokens):
         b = collate([items[i] for i in batch], pad_token_id).to(device)
         mask = torch.zeros_like(b.attention_mask, dtype=torch.bool)
         for r, i in enumerate(batch):
@@ -90,14 +86,6 @@ def action_logprobs(
             lp = token_logprobs(model, b.input_ids, b.attention_mask, mask).cpu().numpy()
         for r, i in enumerate(batch):
             out[i] = lp[r, : len(items[i].input_ids)].copy()
-        batch.clear()
-
-    for i in order:
-        width = max([len(items[j].input_ids) for j in batch] + [len(items[i].input_ids)])
-        if batch and width * (len(batch) + 1) > batch_tokens:
-            flush()
-        batch.append(i)
-    flush()
     model.train(was_training)
     return out  # type: ignore[return-value]
 
