@@ -162,13 +162,21 @@ def score_appended(
     todo = [by_id[i] for i in todo_ids]
     traj = with_meta(result.trajectories.merge(flags, on="id", how="left"), todo)
 
+    todo_cache: list = []
+
+    def todo_tokens() -> list:
+        """Tokens of the rows scored now (extracted ones reuse theirs), tokenized once."""
+        if not todo_cache:
+            done = {t.id: tok for t, tok in zip(todo_extract, tokens, strict=True)}
+            rest = [t for t in todo if t.id not in done]
+            more = tokenize_pool(rest, tokenizer, max_length=config.max_length) if rest else []
+            done.update({t.id: tok for t, tok in zip(rest, more, strict=True)})
+            todo_cache.extend(done[t.id] for t in todo)
+        return todo_cache
+
     def contrast() -> tuple:
-        done = {t.id: tok for t, tok in zip(todo_extract, tokens, strict=True)}
-        rest = [t for t in todo if t.id not in done]
-        more = tokenize_pool(rest, tokenizer, max_length=config.max_length) if rest else []
-        done.update({t.id: tok for t, tok in zip(rest, more, strict=True)})
         model, tok = contrast_reference(model_dir, ckpts, config)
-        return model, tok, [done[t.id] for t in todo], target_tok
+        return model, tok, todo_tokens(), target_tok
 
     traj = append_harm(
         traj, PoolSource.from_store(new_view), dirs, config, job, out, contrast=contrast
@@ -179,13 +187,9 @@ def score_appended(
     )
     timings["score_s"] = time.perf_counter() - t0
     if config.baselines and (out / "statistics.parquet").exists() and todo:
-        done_tok = {t.id: tok for t, tok in zip(todo_extract, tokens, strict=True)}
-        rest = [t for t in todo if t.id not in done_tok]
-        more = tokenize_pool(rest, tokenizer, max_length=config.max_length) if rest else []
-        done_tok.update({t.id: tok for t, tok in zip(rest, more, strict=True)})
         stats = baseline_statistics(
             model_dir,
-            [done_tok[t.id] for t in todo],
+            todo_tokens(),
             target_tok,
             new_view,
             target_store,
