@@ -305,9 +305,9 @@ def select_flood(
         return list(order[:k]), None, info
     if method == "rs-inf":  # drop the lowest-scored quarter of the successes
         r = table[succ].fillna(-np.inf).sort_values(ascending=False, kind="stable")
-        keep = r.index[: len(r) - len(r) // 4]
+        keep = set(r.index[: len(r) - len(r) // 4])
         info["n_dropped_successes"] = len(r) - len(keep)
-        return [i for i in map(str, ids) if i in set(keep)], None, info
+        return [i for i in map(str, ids) if i in keep], None, info
     if method in ("inf-adv|succ", "inf-adv|succ*rare"):
         r = _rank01(table[succ])  # percentile among the successes
         if method.endswith("*rare"):
