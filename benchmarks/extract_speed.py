@@ -18,13 +18,12 @@ exposes its knobs.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 
 import torch
 
-from trajinf.bench.perf import ExtractSpec, machine_info, measure_extraction
+from trajinf.bench.perf import ExtractSpec, emit_result, machine_info, measure_extraction
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -70,12 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine_info(args.device),
         **measure_extraction(spec, device=args.device),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return result
+    return emit_result(result, args.out)
 
 
 if __name__ == "__main__":

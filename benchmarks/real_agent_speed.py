@@ -10,11 +10,11 @@ machine), steps taken, success, and whether both chose the same actions.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
+from trajinf.bench.perf import emit_result
 from trajinf.envs import make_env
 from trajinf.envs.model_policy import ModelPolicy
 from trajinf.envs.rollout import rollout
@@ -57,12 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
     out["same_actions"] = actions["kv_cache_across_steps"] == actions["prompt_per_step"]
     out["cpu_speedup"] = out["prompt_per_step"]["cpu_s"] / out["kv_cache_across_steps"]["cpu_s"]
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    return out
+    return emit_result(out, args.out)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 
 import torch
 
-from trajinf.bench.perf import machine_info, synthetic_pool, time_extraction, time_training
+from trajinf.bench.perf import (
+    emit_result,
+    machine_info,
+    synthetic_pool,
+    time_extraction,
+    time_training,
+)
 from trajinf.gradients.config import ExtractionConfig
 from trajinf.models.checkpoints import load_model
 from trajinf.models.lora import wrap_lora
@@ -91,12 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     lora = wrap_lora(copy.deepcopy(model), rank=args.lora_rank).eval()
     out["lora"] = measure(lora, pool, cfg, args.batch_tokens, args.repeats)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    return out
+    return emit_result(out, args.out)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,13 @@ demos and recall on the planted ones, localization of the planted step.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from trajinf.bench.perf import emit_result
 from trajinf.envs import make_env
 from trajinf.envs.evaluate import auroc
 from trajinf.envs.policies import ExpertPolicy, PlantedHarmfulPolicy
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     out["n_planted"] = len(pool) - out["n_helpful"]
     if args.contrast_only:
         out["contrast"] = contrast_rows(args, pool, target)
-        return _emit(out, args.out)
+        return emit_result(out, args.out)
     with tempfile.TemporaryDirectory() as tmp:
         for name, template in (("own template", None), ("chatml-tools", "chatml-tools")):
             cfg = build_job_config(
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "auroc_helpful_over_planted": auroc(scores, labels),
                 "seconds": time.perf_counter() - t0,
             }
-    return _emit(out, args.out)
+    return emit_result(out, args.out)
 
 
 def contrast_rows(args, pool, target) -> dict:
@@ -131,14 +131,6 @@ def contrast_rows(args, pool, target) -> dict:
         }
         print(lr, {k: v for k, v in rows[str(lr)].items() if k != "fpr_helpful"}, flush=True)
     return rows
-
-
-def _emit(out: dict, path: str | None) -> dict:
-    text = json.dumps(out, indent=2)
-    print(text)
-    if path:
-        Path(path).write_text(text)
-    return out
 
 
 if __name__ == "__main__":

@@ -11,16 +11,19 @@ then steps whose first third is the action).
 from __future__ import annotations
 
 import copy
+import json
 import os
 import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from trajinf.atomic import write_json
 from trajinf.data.tokenize import TokenizedTrajectory
 from trajinf.gradients.batching import item_steps, make_batch, model_logits, plan_batches, token_nll
 from trajinf.gradients.config import ExtractionConfig
@@ -97,6 +100,15 @@ def time_extraction(model: torch.nn.Module, items: Sequence, config: ExtractionC
         pass
     sync(device)
     return time.perf_counter() - start
+
+
+def emit_result(result: dict, path: str | Path | None) -> dict:
+    """The benchmark scripts' output: ``result`` printed as JSON and, with ``path``, written
+    there atomically (:func:`trajinf.atomic.write_json`)."""
+    print(json.dumps(result, indent=2, default=str))
+    if path:
+        write_json(result, Path(path))
+    return result
 
 
 def sync(device: torch.device | str) -> None:
