@@ -21,6 +21,7 @@ from trajinf.data.tokenize import TokenizedTrajectory
 from trajinf.errors import TrajinfError
 from trajinf.job.config import ScoreJobConfig
 from trajinf.job.contrast import ContrastConfig, contrast_flags, contrast_harm
+from trajinf.job.inputs import subtask_labels
 from trajinf.job.shards import resolve_device
 from trajinf.scoring.calibration import HarmResult, harm_flags, store_harm
 from trajinf.scoring.directions import Directions
@@ -69,8 +70,6 @@ def job_contrast_harm(
     """:func:`trajinf.job.contrast.contrast_harm` at the job's last checkpoint (the model itself
     without checkpoints): the target's subtasks stratify the calibration folds, its failures
     (an outcome target) do not calibrate."""
-    from trajinf.job.inputs import subtask_labels
-
     model, tokenizer = contrast_reference(model_dir, checkpoints, config)
     good = np.array([t.success is not False for t in target])
     return contrast_harm(
