@@ -106,6 +106,7 @@ def run_flood(config: FloodConfig, out: str | Path, *, log=print, progress=None)
     from trajinf.data.trajectories import load_pool
     from trajinf.data.write import write_pool
     from trajinf.envs import make_env
+    from trajinf.envs.early_experience import early_experience
     from trajinf.envs.policies import ExpertPolicy, PlantedHarmfulPolicy
     from trajinf.envs.rollout import rollout
     from trajinf.models.checkpoints import load_model
@@ -218,8 +219,6 @@ def run_flood(config: FloodConfig, out: str | Path, *, log=print, progress=None)
                     "info": info,
                 }
                 if method.endswith("+ee"):  # early experience from the picked successes
-                    from trajinf.envs.early_experience import early_experience
-
                     extra = early_experience(env, [t for t in chosen if t.success], k=1,
                                              seed=sample_seed)  # fmt: skip
                     # as many examples as picked trajectories (all of them drown the agent:
