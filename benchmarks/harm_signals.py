@@ -146,7 +146,9 @@ def contrast_rows(d: Path, pool, families, budget: float) -> dict:
     refs = {"warm": sorted((d / "data" / "models" / "warmup").glob("checkpoint-*"))[-1],
             "heldout": heldout_warmup(d, pool, target, families),
             "base": d / "data" / "models" / "base"}  # fmt: skip
-    steps = pd.DataFrame({"id": [], "step": [], "score": []})
+    # selection shares: the default influence scores of the run, each reference's flag and plan
+    scores, steps, _ = read_scores(d / "mixed" / "scores" / "inf")
+    scores = scores.drop(columns=["harm", "harmful", "worst_step"], errors="ignore")
     out = {}
     for name, ref in refs.items():
         model, tok = load_model(ref)
@@ -155,10 +157,7 @@ def contrast_rows(d: Path, pool, families, budget: float) -> dict:
             subtasks=[t.meta.get("family") for t in target], config=contrast_config(jc),
             alpha=jc.harmful_alpha,
         )  # fmt: skip
-        # selection shares: the default influence scores of the run, this flag and plan
-        scores, steps, _ = read_scores(d / "mixed" / "scores" / "inf")
-        table = scores.drop(columns=["harm", "harmful", "worst_step"], errors="ignore")
-        table = table.merge(h.trajectories[["id", "harm", "harmful"]], on="id")
+        table = scores.merge(h.trajectories[["id", "harm", "harmful"]], on="id")
         rep = harm_report(pool, table, steps, h.steps, budget=budget, families=families)
         out[name] = {**rep, "threshold": h.info["threshold"], "method": h.info["method"]}
     return out
