@@ -4,6 +4,7 @@ batched per-token log-probabilities against a one-trajectory-at-a-time reference
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -172,3 +173,22 @@ def test_report_shows_the_flagged_trajectories_with_their_bad_step(case, tmp_pat
     for t in reversed_:
         assert t.id in html
     assert html.count("harm: bad step") >= 1 + len(reversed_)  # the legend and each bad step
+
+
+def test_contrast_without_a_warmup_checkpoint_warns_and_says_so(case):
+    from trajinf.data.trajectories import load_pool
+    from trajinf.job.harm import NO_WARMUP_WARNING, job_contrast_harm
+
+    d, _, _, _, tok, ckpt = case
+    target = load_pool(d / "target.jsonl")[:4]
+    pool = load_pool(d / "pool.jsonl")[:3]
+    cfg = build_job_config(proj_dim=64, has_checkpoints=False, subtask_field="family",
+                           harm_epochs=1, harm_folds=2)  # fmt: skip
+    args = (tokenize_pool(pool, tok), target, tokenize_pool(target, tok), cfg)
+    with pytest.warns(UserWarning, match="without a warm-up checkpoint"):
+        res = job_contrast_harm(ckpt, [], *args)
+    assert res.info["reference"] == "model (no warm-up checkpoint)"
+    assert "--checkpoint" in NO_WARMUP_WARNING
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # with a checkpoint: no warning
+        assert job_contrast_harm(ckpt, [ckpt], *args).info["reference"] == "checkpoint"

@@ -17,6 +17,7 @@ import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from trajinf.bench.agents import BUILTIN_TARGETS
 from trajinf.bench.methods import BENCH_METHODS
 from trajinf.bench.scenarios import SCENARIOS
 from trajinf.errors import TrajinfError
@@ -190,12 +191,19 @@ class BenchConfig:
     def harm(cls) -> BenchConfig:
         """Harm detection and repair (issue 13): both environments, the mixed scenario, more
         planted demos (half the plantable target-family pool tasks) and a larger target (8
-        demos per target family, the flag's calibration set), 3 seeds, budget 10 %."""
+        demos per target family, the flag's calibration set), 3 seeds, budget 10 %; ToolWorld
+        with a base agent that succeeds part of the time on its target families."""
         full = cls.full()
         plans = []
         for p in full.plans:
             demo = {**p.demo, "planted_fraction": 0.5, "n_target_per_family": 8}
-            seeds = 3 if p.env == "twx" else 2  # ToolWorld's tiny agent never succeeds anyway
+            seeds = 3
+            if p.env == "builtin":  # a base agent that succeeds on its own (as the flood's):
+                # trained 30 epochs on 80 demos and targeted at the families it half-learns
+                # (with the full preset's 8 epochs on 30 demos it never succeeds, and what the
+                # contrast signal finds is only what the tuned model can learn)
+                demo.update(target_families=list(BUILTIN_TARGETS), n_base_tasks=80,
+                            base_epochs=30)  # fmt: skip
             plans.append(replace(p, demo=demo, grid=HARM_GRID, seeds=seeds, lds_models=0))
         return cls(plans=plans, scenarios=("mixed",), budgets=(0.1,), headline=0.1, workers=2)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from trajinf.bench.agents import AgentConfig
+from trajinf.bench.agents import BUILTIN_TARGETS, AgentConfig
 from trajinf.data.schema import Trajectory
 from trajinf.errors import TrajinfError
 
@@ -341,8 +341,6 @@ def select_flood(
 # filters and the influence variants that keep to successes
 LATER_METHODS = ("base", "rs", "rs-budget", "rs+ee", "rs-rare", "random", "inf-adv",
                  "inf-adv|succ", "inf-adv|succ*rare", "inf-adv|succ/task")  # fmt: skip
-# the families the tiny ToolWorld agent half-learns (cook and sort stay near 0 at this size)
-BUILTIN_TARGETS = ("repair", "unlock")
 
 
 def flood_preset(env: str, *, quick: bool = False) -> FloodConfig:
