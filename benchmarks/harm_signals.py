@@ -97,7 +97,7 @@ def ekfac_rows(root: Path, plan, cfg, data, scn) -> dict:
     cal = calibration_scores(subset_source(csrc, pos), ts, conf, pool=src, signal="alignment",
                              subtasks=inputs["subtasks"], lr=pool.learning_rates)  # fmt: skip
     h = harm_flags(src, dirs, conf, cal, alpha=0.05, signal="alignment")
-    table = res.trajectories.merge(h.trajectories[["id", "harm", "harmful"]], on="id")
+    table = res.trajectories.merge(h.trajectories[["id", "harm", "harmful", "worst_step"]], on="id")
     return harm_report(scn.pool, table, res.steps, h.steps, budget=cfg.headline,
                        families=data.demo.target_families)  # fmt: skip
 
@@ -157,7 +157,7 @@ def contrast_rows(d: Path, pool, families, budget: float) -> dict:
             subtasks=[t.meta.get("family") for t in target], config=contrast_config(jc),
             alpha=jc.harmful_alpha,
         )  # fmt: skip
-        table = scores.merge(h.trajectories[["id", "harm", "harmful"]], on="id")
+        table = scores.merge(h.trajectories[["id", "harm", "harmful", "worst_step"]], on="id")
         rep = harm_report(pool, table, steps, h.steps, budget=budget, families=families)
         out[name] = {**rep, "threshold": h.info["threshold"], "method": h.info["method"]}
     return out
@@ -202,7 +202,7 @@ def main(root: Path, variants=("inf", "inf-kfac-cos"), ekfac: bool = True) -> di
                     h = store_harm(pool, target, calib, dirs, jc.scoring, alpha=0.05,
                                    statistic=stat, signal=signal, kfac=kfac)  # fmt: skip
                     table = scores.drop(columns=["harm", "harmful", "worst_step"], errors="ignore")
-                    table = table.merge(h.trajectories[["id", "harm", "harmful"]], on="id")
+                    table = table.merge(h.trajectories[["id", "harm", "harmful", "worst_step"]], on="id")
                     rep = harm_report(scn.pool, table, steps, h.steps, budget=cfg.headline,
                                       families=data.demo.target_families)  # fmt: skip
                     key = f"{plan.env}|{v}|{signal}|{stat}"

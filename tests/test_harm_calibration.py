@@ -14,6 +14,7 @@ from trajinf.scoring.calibration import (
     harm_p_values,
     harm_threshold,
     loo_directions,
+    onset_steps,
     step_drops,
 )
 from trajinf.scoring.directions import target_directions
@@ -69,6 +70,34 @@ def test_step_drops_match_a_loop_reference() -> None:
     assert m_harm[0] == -v[0]
     with pytest.raises(TrajinfError, match="statistic"):
         step_drops(v, owner, 7, "max")
+
+
+def test_onset_steps_locate_the_first_step_reaching_half_the_largest_drop() -> None:
+    rng = np.random.default_rng(3)
+    sizes = [1, 2, 3, 5, 4, 7, 6]
+    owner = np.repeat(np.arange(7), sizes)
+    # steps stored out of order within a trajectory: "first" is by step index, not position
+    step_index = np.concatenate([rng.permutation(k) for k in sizes])
+    v = rng.standard_normal(len(owner))
+    v[4] = np.nan
+    drops, harm, worst = step_drops(v, owner, 8)
+    got = onset_steps(drops, owner, step_index, harm, worst, 0.5)
+    for i in range(8):
+        mine = np.flatnonzero(owner == i)
+        if not len(mine):
+            assert got[i] == -1
+            continue
+        if not harm[i] > 0:
+            assert got[i] == worst[i]
+            continue
+        reach = [p for p in mine if np.isfinite(drops[p]) and drops[p] >= 0.5 * harm[i]]
+        assert got[i] == min(reach, key=lambda p: step_index[p])
+    np.testing.assert_array_equal(onset_steps(drops, owner, step_index, harm, worst, 1.0), worst)
+    with pytest.raises(TrajinfError, match="onset"):
+        onset_steps(drops, owner, step_index, harm, worst, 0.0)
+    # a trajectory whose step 1 drops 0.6 and whose step 3 drops 1.0 is located at step 1
+    d2, h2, w2 = step_drops(np.array([0.0, -0.6, 0.0, -1.0]), np.zeros(4, int), 1)
+    assert w2[0] == 3 and onset_steps(d2, np.zeros(4, int), np.arange(4), h2, w2)[0] == 1
 
 
 def test_loo_directions_equal_directions_of_the_target_without_each_item() -> None:

@@ -77,7 +77,8 @@ def harm_report(
                          ("min_step_score", "auroc_min_step_vs_good")):  # fmt: skip
             if col in by_id:
                 out[key] = auroc(-by_id.loc[ids, col].to_numpy(float)[both], planted[both])
-    out["localization"] = _localization(pool, harm_steps)
+    worst = by_id["worst_step"] if "worst_step" in by_id else None
+    out["localization"] = _localization(pool, harm_steps, worst, families)
     plan = repair_plan(by_id.loc[ids, ["harmful"]].reset_index(names="id"), harm_steps)
     out["choices"] = {c: int((plan["choice"] == c).sum()) for c in ("kept", "repaired", "dropped")}
     out["choices_planted"] = {
@@ -96,24 +97,41 @@ def harm_report(
     return out
 
 
-def _localization(pool: Sequence[Trajectory], harm_steps: pd.DataFrame) -> dict:
-    """Top-1 of the harm score's worst step (largest drop) at the known bad step: one-bad-step
-    demos (``meta["bad_step"]``) and planted ones (``meta["planted_steps"]``), with chance."""
+def _localization(
+    pool: Sequence[Trajectory],
+    harm_steps: pd.DataFrame,
+    worst: pd.Series | None = None,
+    families: Sequence[str] = (),
+) -> dict:
+    """Top-1 of the harm score's located step at the known bad step: one-bad-step demos
+    (``meta["bad_step"]``) and planted ones (``meta["planted_steps"]``), with chance; one-bad-step
+    also split by whether the demo's family is one of the target's ``families``
+    (``one_bad_step_target`` / ``one_bad_step_other``: a target can only teach against actions
+    of its own skills). ``worst``: the job's ``worst_step`` by id (its onset rule); without it,
+    the step of the largest drop."""
     by_id = {i: g for i, g in harm_steps.groupby(harm_steps["id"].astype(str))}
+    fams = set(families)
+    one_bad = lambda t: {int(t.meta["bad_step"])} if "bad_step" in t.meta else None  # noqa: E731
+    cases = {
+        "one_bad_step": (one_bad, lambda t: True),
+        "one_bad_step_target": (one_bad, lambda t: t.meta.get("family") in fams),
+        "one_bad_step_other": (one_bad, lambda t: t.meta.get("family") not in fams),
+        "planted": (lambda t: set(t.meta.get("planted_steps") or []) or None, lambda t: True),
+    }
     res: dict = {}
-    for key, bad_of in (
-        ("one_bad_step", lambda t: {int(t.meta["bad_step"])} if "bad_step" in t.meta else None),
-        ("planted", lambda t: set(t.meta.get("planted_steps") or []) or None),
-    ):
+    for key, (bad_of, keep) in cases.items():
         hits, chance = [], []
         for t in pool:
             bad, g = bad_of(t), by_id.get(t.id)
-            if not bad or g is None:
+            if not bad or g is None or not keep(t):
                 continue
             d = g["drop"].to_numpy(float)
             if not np.isfinite(d).any():
                 continue
-            hits.append(int(g["step"].to_numpy()[int(np.nanargmax(d))]) in bad)
+            step = worst.get(t.id) if worst is not None else None
+            if step is None or not np.isfinite(step) or step < 0:
+                step = g["step"].to_numpy()[int(np.nanargmax(d))]
+            hits.append(int(step) in bad)
             chance.append(len(bad & set(g["step"].astype(int))) / len(g))
         res[key] = {
             "n": len(hits),

@@ -52,6 +52,7 @@ from trajinf.scoring.source import PoolSource, ScoreConfig, ordered_map
 from trajinf.store.feature_store import FeatureStore
 
 STATISTICS = ("drop", "min")
+ONSET = 0.5  # the located bad step: the first whose drop reaches this share of the largest
 SIGNALS = ("surprise", "alignment")
 
 
@@ -176,6 +177,38 @@ def step_drops(
         if not np.isfinite(harm[i]) or drops[pos] > harm[i]:
             harm[i], worst[i] = drops[pos], pos
     return drops, harm, worst
+
+
+def onset_steps(
+    drops: np.ndarray,
+    owner: np.ndarray,
+    step_index: np.ndarray,
+    harm: np.ndarray,
+    worst: np.ndarray,
+    onset: float = ONSET,
+) -> np.ndarray:
+    """Per trajectory, the position (into ``drops``) of its located bad step: the earliest step
+    (by ``step_index``) whose drop reaches ``onset`` times the trajectory's largest drop
+    ``harm``; ``worst`` (the largest drop's position, -1 without steps) where ``harm <= 0`` or
+    ``onset >= 1``. A wrong action takes the episode off the target's path, so the steps after
+    it drop too, sometimes further (measured: one-bad-step top-1 0.42 -> 0.46 on TextWorld
+    Express, 0.40 -> 0.45 on ToolWorld, planted steps unchanged; docs/benchmarks.md)."""
+    if not 0 < onset <= 1:
+        raise TrajinfError(f"harm onset must be in (0, 1], got {onset}")
+    out = np.asarray(worst, np.int64).copy()
+    if onset >= 1:
+        return out
+    drops = np.asarray(drops, np.float64)
+    owner = np.asarray(owner, np.int64)
+    step_index = np.asarray(step_index, np.int64)
+    with np.errstate(invalid="ignore"):
+        reach = np.isfinite(drops) & (drops >= onset * np.asarray(harm, np.float64)[owner])
+    pos = np.flatnonzero(reach & (np.asarray(harm, np.float64)[owner] > 0))
+    # earliest step per owner: sort by (owner, step) and keep each owner's first
+    order = pos[np.lexsort((step_index[pos], owner[pos]))]
+    first = np.unique(owner[order], return_index=True)
+    out[first[0]] = order[first[1]]
+    return out
 
 
 def loo_directions(
@@ -344,17 +377,20 @@ def flags_from_step_values(
     alpha: float = 0.05,
     statistic: str = "drop",
     signal: str = "surprise",
+    onset: float = ONSET,
 ) -> HarmResult:
     """:class:`HarmResult` of per-step values (float [K] owned by trajectory ``owner`` [K] of
     ``ids`` [N], at step ``step_index`` [K]; ``finite`` bool [N]: trajectories with usable
     features) against the known-good ``calibration`` harm scores: harm = the largest drop
-    (:func:`step_drops`), flagged above the threshold at level ``alpha``."""
+    (:func:`step_drops`), flagged above the threshold at level ``alpha``; the worst step is the
+    first whose drop reaches ``onset`` times that (:func:`onset_steps`)."""
     threshold, method = harm_threshold(calibration, alpha)
     n = len(ids)
     owner = np.asarray(owner, np.int64)
     step_index = np.asarray(step_index, np.int64)
     finite = np.asarray(finite, bool)
     drops, harm, worst = step_drops(values, owner, n, statistic)
+    worst = onset_steps(drops, owner, step_index, harm, worst, onset)
     harm[~finite] = np.nan
     p = harm_p_values(harm, calibration, method)
     with np.errstate(invalid="ignore"):
@@ -381,6 +417,7 @@ def flags_from_step_values(
         "alpha": alpha,
         "statistic": statistic,
         "signal": signal,
+        "onset": onset,
         "threshold": threshold,
         "method": method,
         "n_calibration": int(np.isfinite(c).sum()),
