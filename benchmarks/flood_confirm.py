@@ -1,13 +1,15 @@
-"""A confirmatory flood run on fresh tasks and seeds (issue 15): the ToolWorld flood preset with
+"""A confirmatory flood run on fresh tasks and seeds (issue 15): an env's flood preset with
 another task seed, more seeds, and the methods the first run singled out, so a round-1 lead
 found there is tested where it was not found.
 
     python benchmarks/flood_confirm.py --out runs/flood-confirm2 --seed 200 --seeds 10
     python benchmarks/flood_confirm.py --out runs/flood-confirm3 --seed 300 \
         --methods base,rs,rs-inf,rs-harm
+    python benchmarks/flood_confirm.py --env twx --out runs/flood-twx-confirm --seed 200 \
+        --seeds 5 --n-test 60 --methods base,rs,inf-adv|succ/task,rs-inf
 
 Prints and writes (OUT/flood.md, OUT/flood.json) the same tables as `trajinf bench --scenarios
-flood`; resumable (rows are kept in OUT/builtin/rounds.jsonl).
+flood`; resumable (rows are kept in OUT/ENV/rounds.jsonl).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ METHODS = ("base", "rs", "rs-budget", "rs+ee", "rs-rare", "random", "inf-adv|suc
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--env", default="builtin", help="builtin (ToolWorld) or twx")
+    ap.add_argument("--n-test", type=int, default=None, help="test tasks drawn (preset's: None)")
     ap.add_argument("--seed", type=int, default=200, help="task seed (the preset's is 0)")
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
@@ -32,8 +36,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--planted", type=int, default=0, help="wrong-reason successes per round")
     args = ap.parse_args(argv)
     methods = tuple(m for m in args.methods.split(",") if m)
-    cfg = replace(flood_preset("builtin"), seed=args.seed, seeds=args.seeds, rounds=args.rounds,
+    cfg = replace(flood_preset(args.env), seed=args.seed, seeds=args.seeds, rounds=args.rounds,
                   methods=methods, later_methods=None, planted=args.planted)  # fmt: skip
+    if args.n_test:
+        cfg = replace(cfg, n_test_tasks=args.n_test)
     return run_flood_bench([cfg], args.out)
 
 

@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--contrast-only", action="store_true")
     ap.add_argument("--harm-lr", type=float, action="append", default=None)
     ap.add_argument("--harm-epochs", type=int, default=2)
+    ap.add_argument("--warmup-fraction", type=float, default=0.0,
+                    help="--contrast-only: first tune the reference 1 epoch on this random "
+                         "fraction of the pool (the job's pool warm-up), lr --warmup-lr")  # fmt: skip
+    ap.add_argument("--warmup-lr", type=float, default=1e-4)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -108,6 +112,17 @@ def contrast_rows(args, pool, target) -> dict:
 
     model, tok = load_model(args.model, chat_template="chatml-tools")
     p_tok, t_tok = tokenize_pool(pool, tok), tokenize_pool(target, tok)
+    if args.warmup_fraction > 0:  # the job's reference is a warm-up checkpoint that saw the pool
+        import random
+
+        from trajinf.train.sft import TrainConfig, train_sft
+
+        k = max(2, round(args.warmup_fraction * len(pool)))
+        warm = random.Random(args.seed).sample(list(p_tok), k)
+        t0 = time.perf_counter()
+        train_sft(model, tok, warm, TrainConfig(epochs=1, lr=args.warmup_lr, seed=args.seed,
+                                                batch_tokens=args.batch_tokens, log_every=0))  # fmt: skip
+        print(f"warm-up on {k} pool trajectories: {time.perf_counter() - t0:.0f} s", flush=True)
     planted = [bool(t.meta.get("planted")) for t in pool]
     rows = {}
     for lr in args.harm_lr or [1e-3]:
