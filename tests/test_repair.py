@@ -91,3 +91,12 @@ def test_oracle_plan_repairs_known_bad_steps_and_drops_mostly_bad() -> None:
     plan = oracle_plan(pool).set_index("id")
     assert plan["choice"].to_dict() == {"a": "kept", "b": "repaired", "c": "dropped"}
     assert plan.loc["b", "bad_steps"] == [2]
+
+
+def test_everything_flagged_gives_an_empty_drop_selection() -> None:
+    pool, scores, steps, _ = _case()
+    harm = pd.DataFrame({"id": list("abcd"), "harmful": [True] * 4})
+    bad = pd.DataFrame({"id": steps["id"], "step": steps["step"], "bad": [True] * 12})
+    sel = select_repaired(pool, fraction=0.5, scores=scores, step_scores=steps,
+                          plan=repair_plan(harm, bad), mode="drop")  # fmt: skip
+    assert sel.ids == [] and sel.info["n_selected"] == 0 and sel.info["budget"] == 2

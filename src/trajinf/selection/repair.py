@@ -105,8 +105,11 @@ def select_repaired(
         adjusted = adjusted.sub(st[is_bad].groupby("id")["score"].sum(), fill_value=0.0)
     kept = frame[~drop.to_numpy()]
     ranked = table.assign(score=adjusted).reset_index()
-    sel = select("influence", kept, fraction=min(1.0, k / max(1, len(kept))), scores=ranked)
-    sel.ids = sel.ids[:k]
+    if len(kept):
+        sel = select("influence", kept, fraction=min(1.0, k / max(1, len(kept))), scores=ranked)
+        sel.ids = sel.ids[:k]
+    else:  # every trajectory flagged and dropped: an empty selection, not an error
+        sel = Selection(ids=[], step_weights=None, info={})
     weights = None
     if mode == "repair":
         weights = {}
