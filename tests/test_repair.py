@@ -61,6 +61,9 @@ def test_repair_drop_keep_side_by_side(tmp_path) -> None:
     assert rep.step_weights == {"b": [1.0, 1.0, 0.0]}
     assert rep.info["harm"]["selected"] == {"kept": 1, "repaired": 1, "dropped": 0}
     assert rep.info["choices"] == {"b": "repaired", "a": "kept"}
+    # without re-ranking b keeps its own 0.8: below a, still repaired
+    inplace = select_repaired(pool, mode="repair", rerank=False, **kw)
+    assert inplace.ids == ["a", "b"] and inplace.step_weights == {"b": [1.0, 1.0, 0.0]}
     out = tmp_path / "sel.jsonl"
     by_id = {t.id: t for t in pool}
     write_pool([by_id[i] for i in rep.ids], out, step_weights=rep.step_weights)

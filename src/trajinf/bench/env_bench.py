@@ -111,6 +111,7 @@ HARM_GRID: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             "inf",
             "inf+drop-harm",
             "inf+repair",
+            "inf+repair-inplace",
             "inf+drop-oracle",
             "inf+repair-oracle",
             "inf-kfac-cos",

@@ -160,10 +160,13 @@ def _bad(t: Trajectory) -> set[int]:
 def harm_selection(pool: Sequence[Trajectory], scored, budget: float, mode: str):
     """The bench's keep / drop / repair selection of a scored variant (``scored``: bench
     ``Scored`` with the job's harm columns and ``harm_steps``), at ``budget`` of the pool.
-    ``mode`` "repair-oracle" / "drop-oracle" take the plan from the labels (:func:`oracle_plan`)."""
+    ``mode`` "repair-oracle" / "drop-oracle" take the plan from the labels (:func:`oracle_plan`);
+    "repair-inplace" repairs without re-ranking (``select_repaired(rerank=False)``)."""
     from trajinf.errors import TrajinfError
 
     n_steps = {t.id: len(t.steps()) for t in pool}
+    rerank = mode != "repair-inplace"
+    mode = mode.removesuffix("-inplace")
     if mode.endswith("-oracle"):
         plan, mode = oracle_plan(pool), mode.removesuffix("-oracle")
     else:
@@ -171,4 +174,5 @@ def harm_selection(pool: Sequence[Trajectory], scored, budget: float, mode: str)
             raise TrajinfError("bench: harm selection needs the job's harm scores (harm_steps)")
         plan = repair_plan(scored.scores[["id", "harmful"]], scored.harm_steps)
     return select_repaired(pool, fraction=budget, scores=scored.scores,
-                           step_scores=scored.steps, plan=plan, mode=mode, n_steps=n_steps)  # fmt: skip
+                           step_scores=scored.steps, plan=plan, mode=mode, n_steps=n_steps,
+                           rerank=rerank)  # fmt: skip

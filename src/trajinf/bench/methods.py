@@ -73,6 +73,9 @@ BENCH_METHODS: dict[str, Method] = {
     # (its bad steps weighted 0, dropped only when too much of it is bad)
     "inf+drop-harm": _influence("inf+drop-harm", "inf", harm="drop"),
     "inf+repair": _influence("inf+repair", "inf", harm="repair"),
+    # repair without re-ranking: repaired trajectories keep their place (issue 13: re-ranking
+    # promoted repaired noisy demos into the budget)
+    "inf+repair-inplace": _influence("inf+repair-inplace", "inf", harm="repair-inplace"),
     # the same with the pool's labels as the detector: what repair is worth when detection works
     "inf+drop-oracle": _influence("inf+drop-oracle", "inf", harm="drop-oracle"),
     "inf+repair-oracle": _influence("inf+repair-oracle", "inf", harm="repair-oracle"),

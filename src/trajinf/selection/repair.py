@@ -75,11 +75,13 @@ def select_repaired(
     plan: pd.DataFrame,
     mode: str = "repair",
     n_steps: dict[str, int] | None = None,
+    rerank: bool = True,
 ) -> Selection:
     """Influence top ``ceil(fraction * N)`` after harm handling (N: the whole pool given).
 
-    mode "repair": dropped trajectories are removed, repaired ones ranked by their score minus
-    their bad steps' scores and given weight 0 on those steps. mode "drop": every flagged
+    mode "repair": dropped trajectories are removed, repaired ones given weight 0 on their bad
+    steps and ranked by their score minus those steps' scores (``rerank``) or by their score as
+    it was (``rerank=False``: repair never moves a trajectory into the budget). mode "drop": every flagged
     trajectory (repaired or dropped) is removed. mode "keep": the plain influence top k.
     ``info["harm"]`` counts kept / repaired / dropped in the pool and in the selection;
     ``info["choices"]`` is the choice of every selected trajectory."""
@@ -98,7 +100,7 @@ def select_repaired(
     table = scores.assign(id=scores["id"].astype(str)).set_index("id")
     adjusted = table["score"].astype(float).copy()
     bad_steps = {i: choice.at[i, "bad_steps"] for i in ids[ch == "repaired"]}
-    if mode == "repair" and bad_steps:
+    if mode == "repair" and bad_steps and rerank:
         st = step_scores.assign(id=step_scores["id"].astype(str))
         st = st[st["id"].isin(bad_steps)]
         is_bad = [int(s) in bad_steps[i] for i, s in zip(st["id"], st["step"], strict=True)]
