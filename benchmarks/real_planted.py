@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="--contrast-only: first tune the reference 1 epoch on this random "
                          "fraction of the pool (the job's pool warm-up), lr --warmup-lr")  # fmt: skip
     ap.add_argument("--warmup-lr", type=float, default=1e-4)
+    ap.add_argument("--harm-lora", action="store_true",
+                    help="--contrast-only: tune LoRA adapters instead of all weights")  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -128,8 +130,9 @@ def contrast_rows(args, pool, target) -> dict:
     for lr in args.harm_lr or [1e-3]:
         t0 = time.perf_counter()
         cfg = ContrastConfig(
-            epochs=args.harm_epochs, lr=lr, folds=3, batch_tokens=args.batch_tokens
-        )
+            epochs=args.harm_epochs, lr=lr, folds=3, batch_tokens=args.batch_tokens,
+            lora=args.harm_lora,
+        )  # fmt: skip
         h = contrast_harm(model, tok, p_tok, t_tok, subtasks=[t.meta["family"] for t in target],
                           config=cfg)  # fmt: skip
         tr = h.trajectories.set_index("id").loc[[t.id for t in pool]]

@@ -164,6 +164,27 @@ def test_tuning_is_deterministic(case):
         assert torch.equal(p, q)
 
 
+def test_lora_tuning_moves_only_adapters_and_leaves_the_reference_alone(case):
+    from peft import PeftModel
+
+    from trajinf.models.checkpoints import load_model
+
+    _, pool, _, _, tok, ckpt = case
+    model, _ = load_model(ckpt)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    items = tokenize_pool(pool[:4], tok)
+    tuned = tuned_copy(model, tok, items, ContrastConfig(epochs=2, lr=1e-2, lora=True))
+    assert isinstance(tuned, PeftModel)
+    for k, v in model.state_dict().items():  # the reference is untouched
+        assert torch.equal(v, before[k]), k
+    trained = {n for n, p in tuned.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    pad = tok.pad_token_id or 0
+    a = action_logprobs(model, items, pad)
+    b = action_logprobs(tuned, items, pad)
+    assert max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True)) > 1e-3
+
+
 def test_report_shows_the_flagged_trajectories_with_their_bad_step(case, tmp_path):
     from trajinf.report import write_score_report
 

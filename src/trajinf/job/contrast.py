@@ -55,7 +55,8 @@ class ContrastConfig:
     lr: float = 1e-3
     folds: int = 4
     seed: int = 0
-    batch_tokens: int = 8192  # padded tokens per forward batch
+    batch_tokens: int = 8192  # padded tokens per forward / training batch (the job's own)
+    lora: bool = False  # tune fresh LoRA adapters (models.lora) instead of all weights
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.folds < 2 or not self.lr > 0:
@@ -110,11 +111,14 @@ def step_minima(
 
 
 def tuned_copy(model: torch.nn.Module, tokenizer, target, config: ContrastConfig):
-    """A copy of ``model`` fine-tuned on ``target`` (trajectories or tokens)."""
+    """A copy of ``model`` fine-tuned on ``target`` (trajectories or tokens); with
+    ``config.lora`` the copy with LoRA adapters tuned (a peft model)."""
     m = copy.deepcopy(model)
-    train_sft(m, tokenizer, list(target),
-              TrainConfig(epochs=config.epochs, lr=config.lr, seed=config.seed, log_every=0))  # fmt: skip
-    return m
+    res = train_sft(m, tokenizer, list(target),
+                    TrainConfig(epochs=config.epochs, lr=config.lr, seed=config.seed,
+                                lora=config.lora, batch_tokens=config.batch_tokens,
+                                log_every=0))  # fmt: skip
+    return res.model
 
 
 def stratified_folds(labels: Sequence[str], k: int) -> np.ndarray:

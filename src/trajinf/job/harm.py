@@ -64,7 +64,8 @@ def calibration_store(
 def contrast_config(config: ScoreJobConfig) -> ContrastConfig:
     """The contrast signal's settings of a job config."""
     return ContrastConfig(epochs=config.harm_epochs, lr=config.harm_lr, folds=config.harm_folds,
-                          seed=config.seed)  # fmt: skip
+                          seed=config.seed, lora=config.lora,
+                          batch_tokens=config.extraction.batch_tokens)  # fmt: skip
 
 
 def job_contrast_harm(
