@@ -59,10 +59,10 @@ def target_losses(model, tokenizer, target: Sequence[Trajectory], field: str = "
     import torch
 
     from trajinf.data.tokenize import tokenize_pool
-    from trajinf.train.sft import collate, sft_loss
+    from trajinf.train.sft import collate, pad_id, sft_loss
 
     items = tokenize_pool(list(target), tokenizer, max_length=None)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     per: dict[str, list[float]] = {}
     model.eval()
     with torch.inference_mode():

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from trajinf.data.template_check import check_chat_template
 from trajinf.errors import TemplateError, TrajinfError
-from trajinf.train.sft import base_forward, supports_logits_to_keep, token_logprobs
+from trajinf.train.sft import base_forward, pad_id, supports_logits_to_keep, token_logprobs
 
 # End-of-turn markers of the chat templates trajinf ships (ChatML, Llama 3); generation stops there.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>")
@@ -139,7 +139,7 @@ class ModelPolicy:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.rng = torch.Generator().manual_seed(seed)  # the policy's own stream: no global state
         self.device = next(model.parameters()).device
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_id(tokenizer)
         vocab = tokenizer.get_vocab()
         self.stop_ids = sorted({vocab[t] for t in END_OF_TURN_TOKENS if t in vocab})
         if tokenizer.eos_token_id is not None:

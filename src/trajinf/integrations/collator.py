@@ -16,7 +16,7 @@ import torch
 
 from trajinf.data.tokenize import tokenize_trajectory
 from trajinf.integrations.dataset import row_trajectory
-from trajinf.train.sft import collate
+from trajinf.train.sft import collate, pad_id
 
 IGNORE_INDEX = -100
 
@@ -47,8 +47,7 @@ class TrajectoryCollator:
             )
             for i, r in enumerate(rows)
         ]
-        pad = self.tokenizer.pad_token_id
-        batch = collate(items, 0 if pad is None else pad, action_only=self.action_only)
+        batch = collate(items, pad_id(self.tokenizer), action_only=self.action_only)
         return {
             "input_ids": batch.input_ids,
             "attention_mask": batch.attention_mask,

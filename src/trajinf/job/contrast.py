@@ -42,7 +42,7 @@ from trajinf.data.tokenize import TokenizedTrajectory
 from trajinf.errors import TrajinfError
 from trajinf.gradients.batching import plan_batches
 from trajinf.scoring.calibration import HarmResult, flags_from_step_values, step_drops
-from trajinf.train.sft import TrainConfig, collate, token_logprobs, train_sft
+from trajinf.train.sft import TrainConfig, collate, pad_id, token_logprobs, train_sft
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def contrast_calibration(
             "the flag)"
         )
     fold = stratified_folds(subtasks, k)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     before = action_logprobs(model, target, pad, batch_tokens=config.batch_tokens)
     harm = np.full(m, np.nan)
     for f in range(k):
@@ -210,7 +210,7 @@ def contrast_flags(
 ) -> HarmResult:
     """Contrast harm of ``pool`` at given calibration scores (appended rows reuse the stored
     ones: the tuning is seeded, so the tuned model is the one the first rows saw)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     before = action_logprobs(model, pool, pad, batch_tokens=config.batch_tokens)
     tuned = tuned_copy(model, tokenizer, target, config)
     after = action_logprobs(tuned, pool, pad, batch_tokens=config.batch_tokens)

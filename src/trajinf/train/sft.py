@@ -85,6 +85,13 @@ DEMO_MODEL: dict = {"arch": "llama", "vocab_size": 1024, "hidden": 64, "layers":
 DEMO_TRAIN = TrainConfig(epochs=10, lr=1e-2, batch_size=8, warmup_ratio=0.1, scheduler="cosine")
 
 
+def pad_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else 0 (padding is masked, so
+    any id works; 0 keeps batches valid for tokenizers without one)."""
+    pid = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    return int(pid) if pid is not None else 0
+
+
 @dataclass
 class SFTBatch:
     """A right-padded batch. ``loss_weights[b, t]`` weighs the loss of predicting token t."""
@@ -329,11 +336,7 @@ def train_sft(
             f"(first: {skipped[0].id})",
             stacklevel=2,
         )
-    pad_id = (
-        tokenizer.pad_token_id
-        if tokenizer is not None and tokenizer.pad_token_id is not None
-        else 0
-    )
+    pad = pad_id(tokenizer)
     device = next(model.parameters()).device
     lengths = [len(it.input_ids) for it in kept]
 
@@ -365,7 +368,7 @@ def train_sft(
                 lr = config.lr * lr_factor(step, total, config.warmup_ratio, config.scheduler)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
-                batch = collate([kept[i] for i in idx], pad_id, action_only=config.action_only)
+                batch = collate([kept[i] for i in idx], pad, action_only=config.action_only)
                 batch = batch.to(device)
                 per_token = sft_loss(model, batch)
                 loss = per_token.sum() / batch.loss_weights.sum()
