@@ -213,3 +213,20 @@ def test_contrast_without_a_warmup_checkpoint_warns_and_says_so(case):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # with a checkpoint: no warning
         assert job_contrast_harm(ckpt, [ckpt], *args).info["reference"] == "checkpoint"
+
+
+def test_harm_signal_none_skips_the_harm_step(case, tmp_path):
+    d, _, _, _, _, ckpt = case
+    cfg = build_job_config(proj_dim=64, has_checkpoints=True, subtask_field="family",
+                           harm_signal="none")  # fmt: skip
+    score_pool(ckpt, d / "pool.jsonl", d / "target.jsonl", tmp_path / "s", checkpoints=[ckpt],
+               config=cfg)  # fmt: skip
+    scores = pd.read_parquet(tmp_path / "s" / "scores.parquet")
+    assert scores["harm"].isna().all() and not scores["harmful"].any()
+    assert "harmful_null" in scores  # the random-direction null is still computed
+    assert json.loads((tmp_path / "s" / "job.json").read_text())["harm"] is None
+    assert not (tmp_path / "s" / "harm_steps.parquet").exists()
+    from trajinf.report import write_score_report
+
+    html = write_score_report(tmp_path / "s", d / "pool.jsonl", tmp_path / "r.html").read_text()
+    assert "<html" in html.lower()

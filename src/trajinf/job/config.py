@@ -41,12 +41,13 @@ class ScoreJobConfig:
         default=0.05,
         metadata={"help": "Level of the harmful flag (false-positive rate on known-good data)."},
     )
-    harm_signal: Literal["contrast", "surprise", "alignment"] = field(
+    harm_signal: Literal["contrast", "surprise", "alignment", "none"] = field(
         default="contrast",
         metadata={
             "help": "Harm evidence per step: contrast (log-prob change of its action tokens "
             "when the model is tuned on the target), surprise (gradient norm) or alignment "
-            "(cosine to the target direction). The flag is calibrated on the target."
+            "(cosine to the target direction); none skips the harm step (no flag). The flag "
+            "is calibrated on the target."
         },
     )
     harm_epochs: int = field(

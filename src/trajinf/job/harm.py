@@ -123,7 +123,10 @@ def job_harm(
     """Harm scores and flags of the pool with ``config.harm_signal`` (None, with a warning,
     when the target cannot calibrate them: fewer than 2 known-good target trajectories with
     steps). ``extract``: :func:`trajinf.job.run.extract_job` (for :func:`calibration_store`);
-    the contrast signal needs the pool's and target's tokens."""
+    the contrast signal needs the pool's and target's tokens. Signal ``none``: None (no flag;
+    the contrast step costs folds + 1 short tunings on the target)."""
+    if config.harm_signal == "none":
+        return None
     try:
         if config.harm_signal == "contrast":
             if pool_tokens is None or target_tokens is None:
