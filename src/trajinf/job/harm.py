@@ -34,11 +34,11 @@ log = logging.getLogger(__name__)
 
 HARM_COLUMNS = ("harm", "worst_step", "harm_p", "n_bad_steps")
 NO_WARMUP_WARNING = (
-    "harm flag (contrast signal) without a warm-up checkpoint: the reference model has never "
-    "seen the pool, so tuning it on the target moves the pool's tokens for reasons that are "
-    "not harm (on TextWorld Express the flag fired on 36 of 48 known-good demos at alpha 0.05, "
-    "vs 1 of 48 from a pool warm-up; docs/benchmarks.md). Pass --checkpoint dirs of a short "
-    "warm-up on a random 5-10 % of the pool, or --harm-signal surprise."
+    "harm flag (contrast signal) without a warm-up checkpoint: the reference model was not "
+    "trained on the pool, so tuning it on the target can move the pool's tokens for reasons "
+    "that are not harm (on TextWorld Express the flag fired on 36 of 48 known-good demos at "
+    "alpha 0.05, vs 1 of 48 from a pool warm-up; docs/benchmarks.md). Pass --checkpoint dirs "
+    "of a short warm-up on a random 5-10 % of the pool, or --harm-signal none to skip the flag."
 )
 
 
