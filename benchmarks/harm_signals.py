@@ -34,6 +34,9 @@ from trajinf.scoring.directions import directions_from_stores
 from trajinf.selection.export import read_scores
 from trajinf.store.feature_store import FeatureStore
 
+# the harm flag's columns each row of this script merges into the run's influence scores
+FLAG_COLUMNS = ["id", "harm", "harmful", "worst_step"]
+
 
 def ekfac_precondition(vectors, factors, eig: list, damping: float = 0.1):
     """EK-FAC in the projected space: per layer, F -> Q_G [(Q_G^T F Q_A) / (L + lambda)] Q_A^T
@@ -97,7 +100,7 @@ def ekfac_rows(root: Path, plan, cfg, data, scn) -> dict:
     cal = calibration_scores(subset_source(csrc, pos), ts, conf, pool=src, signal="alignment",
                              subtasks=inputs["subtasks"], lr=pool.learning_rates)  # fmt: skip
     h = harm_flags(src, dirs, conf, cal, alpha=0.05, signal="alignment")
-    table = res.trajectories.merge(h.trajectories[["id", "harm", "harmful", "worst_step"]], on="id")
+    table = res.trajectories.merge(h.trajectories[FLAG_COLUMNS], on="id")
     return harm_report(scn.pool, table, res.steps, h.steps, budget=cfg.headline,
                        families=data.demo.target_families)  # fmt: skip
 
@@ -157,7 +160,7 @@ def contrast_rows(d: Path, pool, families, budget: float) -> dict:
             subtasks=[t.meta.get("family") for t in target], config=contrast_config(jc),
             alpha=jc.harmful_alpha,
         )  # fmt: skip
-        table = scores.merge(h.trajectories[["id", "harm", "harmful", "worst_step"]], on="id")
+        table = scores.merge(h.trajectories[FLAG_COLUMNS], on="id")
         rep = harm_report(pool, table, steps, h.steps, budget=budget, families=families)
         out[name] = {**rep, "threshold": h.info["threshold"], "method": h.info["method"]}
     return out
@@ -202,7 +205,7 @@ def main(root: Path, variants=("inf", "inf-kfac-cos"), ekfac: bool = True) -> di
                     h = store_harm(pool, target, calib, dirs, jc.scoring, alpha=0.05,
                                    statistic=stat, signal=signal, kfac=kfac)  # fmt: skip
                     table = scores.drop(columns=["harm", "harmful", "worst_step"], errors="ignore")
-                    table = table.merge(h.trajectories[["id", "harm", "harmful", "worst_step"]], on="id")
+                    table = table.merge(h.trajectories[FLAG_COLUMNS], on="id")
                     rep = harm_report(scn.pool, table, steps, h.steps, budget=cfg.headline,
                                       families=data.demo.target_families)  # fmt: skip
                     key = f"{plan.env}|{v}|{signal}|{stat}"

@@ -62,9 +62,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--contrast-only", action="store_true")
     ap.add_argument("--harm-lr", type=float, action="append", default=None)
     ap.add_argument("--harm-epochs", type=int, default=2)
-    ap.add_argument("--warmup-fraction", type=float, default=0.0,
-                    help="--contrast-only: first tune the reference 1 epoch on this random "
-                         "fraction of the pool (the job's pool warm-up), lr --warmup-lr")  # fmt: skip
+    ap.add_argument(
+        "--warmup-fraction", type=float, default=0.0,
+        help="--contrast-only: first tune the reference 1 epoch on this random fraction of the "
+        "pool (the job's pool warm-up), lr --warmup-lr",
+    )  # fmt: skip
     ap.add_argument("--warmup-lr", type=float, default=1e-4)
     ap.add_argument("--harm-lora", action="store_true",
                     help="--contrast-only: tune LoRA adapters instead of all weights")  # fmt: skip
@@ -122,8 +124,9 @@ def contrast_rows(args, pool, target) -> dict:
         k = max(2, round(args.warmup_fraction * len(pool)))
         warm = random.Random(args.seed).sample(list(p_tok), k)
         t0 = time.perf_counter()
-        train_sft(model, tok, warm, TrainConfig(epochs=1, lr=args.warmup_lr, seed=args.seed,
-                                                batch_tokens=args.batch_tokens, log_every=0))  # fmt: skip
+        cfg = TrainConfig(epochs=1, lr=args.warmup_lr, seed=args.seed,
+                          batch_tokens=args.batch_tokens, log_every=0)  # fmt: skip
+        train_sft(model, tok, warm, cfg)
         print(f"warm-up on {k} pool trajectories: {time.perf_counter() - t0:.0f} s", flush=True)
     planted = [bool(t.meta.get("planted")) for t in pool]
     rows = {}

@@ -201,9 +201,10 @@ def onset_steps(
     drops = np.asarray(drops, np.float64)
     owner = np.asarray(owner, np.int64)
     step_index = np.asarray(step_index, np.int64)
+    largest = np.asarray(harm, np.float64)[owner]  # each step's trajectory's largest drop
     with np.errstate(invalid="ignore"):
-        reach = np.isfinite(drops) & (drops >= onset * np.asarray(harm, np.float64)[owner])
-    pos = np.flatnonzero(reach & (np.asarray(harm, np.float64)[owner] > 0))
+        reach = np.isfinite(drops) & (drops >= onset * largest) & (largest > 0)
+    pos = np.flatnonzero(reach)
     # earliest step per owner: sort by (owner, step) and keep each owner's first
     order = pos[np.lexsort((step_index[pos], owner[pos]))]
     first = np.unique(owner[order], return_index=True)

@@ -81,8 +81,9 @@ def select_repaired(
 
     mode "repair": dropped trajectories are removed, repaired ones given weight 0 on their bad
     steps and ranked by their score minus those steps' scores (``rerank``) or by their score as
-    it was (``rerank=False``: repair never moves a trajectory into the budget). mode "drop": every flagged
-    trajectory (repaired or dropped) is removed. mode "keep": the plain influence top k.
+    it was (``rerank=False``: repair never moves a trajectory into the budget). mode "drop":
+    every flagged trajectory (repaired or dropped) is removed. mode "keep": the plain influence
+    top k.
     ``info["harm"]`` counts kept / repaired / dropped in the pool and in the selection;
     ``info["choices"]`` is the choice of every selected trajectory."""
     if mode not in ("repair", "drop", "keep"):
