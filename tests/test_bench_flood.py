@@ -159,6 +159,11 @@ def test_no_outcome_direction_falls_back_to_random():
     assert len(ids) == 2 and "fallback" in info
 
 
+def test_harm_step_only_when_rs_harm_reads_it():
+    assert not FloodConfig(methods=("rs", "inf-adv")).needs_harm
+    assert FloodConfig(methods=("rs", "rs-harm")).needs_harm
+
+
 def test_config_rejects_bad_fields():
     with pytest.raises(TrajinfError, match="unknown method"):
         FloodConfig(methods=("rs", "nope"))
@@ -249,6 +254,11 @@ def test_flood_quick_through_cli(tmp_path, monkeypatch):
         ids = [json.loads(x)["id"] for x in sel.read_text().splitlines()]
         assert sum(i.startswith("ee-") for i in ids) == r["n_early"]
     assert (out / "flood" / "flood.html").read_text().count("<polyline") == len(cfg["methods"])
+    # no rs-harm in the slice: the scoring skipped the harm step (no harm score, no flag)
+    sdir = out / "flood" / "builtin" / "seed0" / "r1" / "scores"
+    assert json.loads((sdir / "flood_scores.json").read_text())["harm"] is False
+    less = pd.read_parquet(sdir / "scores_less.parquet")
+    assert less["harm"].isna().all() and not less["harmful"].any()
     # resumable: a second run finds every row done and rebuilds nothing
     before = (out / "flood" / "builtin" / "rounds.jsonl").read_text()
     r = CliRunner().invoke(app, args)

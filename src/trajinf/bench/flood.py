@@ -94,6 +94,11 @@ class FloodConfig:
     later_methods: tuple[str, ...] | None = None
     seed: int = 0
 
+    @property
+    def needs_harm(self) -> bool:
+        """Whether the scoring runs the job's harm step: only ``rs-harm`` reads its flag."""
+        return "rs-harm" in self.methods
+
     def rounds_of(self, method: str) -> int:
         keep = self.later_methods is None or method in self.later_methods
         return self.rounds if keep else 1
@@ -191,11 +196,13 @@ class FloodScores:
 
 def score_flood(
     model_dir: Path, pool: Sequence[Trajectory], demos: Sequence[Trajectory], out: Path, *,
-    proj_dim: int, seed: int, modes: Sequence[str] = ("less", "smf", "adv"),
+    proj_dim: int, seed: int, modes: Sequence[str] = ("less", "smf", "adv"), harm: bool = True,
 ) -> FloodScores:  # fmt: skip
     """One extraction of the pool (and the demos) with the agent at ``model_dir``; influence
     against the demos (``less``) and against the pool's own outcomes (``smf``, ``adv``, read
-    back from the pool store), plus RDS+ / loss statistics."""
+    back from the pool store), plus RDS+ / loss statistics. ``harm``: run the job's harm step
+    (the contrast flag, a few short tunings: most of the scoring's cost), which only
+    ``rs-harm`` reads; without it the ``less`` table's harm columns are empty (no flag)."""
     import time
 
     from trajinf.job.config import build_job_config
@@ -207,7 +214,7 @@ def score_flood(
     t0 = time.perf_counter()
     cfg = build_job_config(
         proj_dim=proj_dim, has_checkpoints=False, subtask_field="family", seed=seed,
-        max_length=None,
+        max_length=None, harm_signal="contrast" if harm else "none",
     )  # fmt: skip
     score_pool(model_dir, list(pool), list(demos), out, config=cfg)
     s, st, stats = read_scores(out)

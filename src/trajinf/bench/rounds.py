@@ -301,21 +301,22 @@ def _scores(agent_dir: Path, pool, demos, out: Path, config: FloodConfig, seed: 
     from trajinf.bench.flood import FloodScores
 
     meta = out / "flood_scores.json"
-    if meta.exists():
+    m = json.loads(meta.read_text()) if meta.exists() else None
+    if m is not None and (m.get("harm", True) or not config.needs_harm):
         import pandas as pd
 
-        m = json.loads(meta.read_text())
         scores = {k: pd.read_parquet(out / f"scores_{k}.parquet") for k in m["modes"]}
         steps = {k: pd.read_parquet(out / f"steps_{k}.parquet") for k in m["modes"]}
         stats = pd.read_parquet(out / "statistics.parquet")
         return FloodScores(scores, steps, stats, m["seconds"])
     from trajinf.atomic import write_parquet
 
-    s = score_flood(agent_dir, pool, demos, out, proj_dim=config.proj_dim, seed=seed)
+    harm = config.needs_harm
+    s = score_flood(agent_dir, pool, demos, out, proj_dim=config.proj_dim, seed=seed, harm=harm)
     for k in s.scores:
         write_parquet(s.scores[k], out / f"scores_{k}.parquet")
         write_parquet(s.steps[k], out / f"steps_{k}.parquet")
-    write_json({"modes": list(s.scores), "seconds": s.seconds}, meta)
+    write_json({"modes": list(s.scores), "seconds": s.seconds, "harm": harm}, meta)
     return s
 
 
