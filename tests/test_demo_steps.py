@@ -12,6 +12,7 @@ from trajinf.data.write import write_pool
 from trajinf.errors import TrajinfError
 from trajinf.loop.demo import DemoConfig
 from trajinf.loop.steps import (
+    demo_tasks,
     retrain_cell,
     run_cells,
     select_for_method,
@@ -135,3 +136,26 @@ def test_cells_in_workers_equal_cells_in_process(tmp_path):
         for field in ("success_rate", "per_family", "step_agreement"):
             assert one[key][field] == two[key][field], (key, field)
     assert retrain_cell(jobs[0])["step_agreement"] == one[("a", 0)]["step_agreement"]
+
+
+def test_demo_tasks_base_families_restrict_the_base_demos_only():
+    from trajinf.envs import make_env
+
+    env = make_env("builtin")
+    cfg = DemoConfig(n_train_tasks=20, n_target_per_family=2, n_base_tasks=30,
+                     target_families=["repair", "unlock"])  # fmt: skip
+    fams, target, pool, base = demo_tasks(env, cfg)
+    assert fams == ["repair", "unlock"] and len(target) == 4 and len(pool) == 20
+    assert len(base) == 30 and {t.family for t in base} == set(env.families)
+    # the previous draw (before base_families): the next n_base tasks after the pool
+    ids = {t.id for t in target}
+    rest = [t for t in env.tasks("train", 20 + 16 + 30, 0) if t.id not in ids]
+    assert [t.id for t in base] == [t.id for t in rest[20:50]]
+    fams2, target2, pool2, base2 = demo_tasks(env, replace(cfg, base_families=["repair"]))
+    assert [t.id for t in target2] == [t.id for t in target]  # pool and target unchanged
+    assert [t.id for t in pool2] == [t.id for t in pool]
+    assert len(base2) == 30 and {t.family for t in base2} == {"repair"}
+    seen = {t.id for t in target2 + pool2}
+    assert len({t.id for t in base2}) == 30 and not seen & {t.id for t in base2}
+    with pytest.raises(TrajinfError, match="base_families"):
+        demo_tasks(env, replace(cfg, base_families=["bake"]))

@@ -56,6 +56,7 @@ class DemoConfig:
     planted_fraction: float = 0.15  # of expert demos on target families, relabelled harmful
     self_per_task: int = 2
     n_base_tasks: int = 60  # expert demos (outside the pool) the base agent learns from
+    base_families: list[str] | None = None  # families of those demos (None: all)
     warmup_fraction: float = 0.1
     warmup_checkpoints: int = 2
     base_epochs: int = 10

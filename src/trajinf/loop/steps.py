@@ -52,20 +52,37 @@ def summarize_pool(pool: Sequence[Trajectory]) -> dict:
     return out
 
 
-def build_demo_data(env, config, out: Path, *, progress=None, log: Log = print) -> DemoData:
-    """Tasks -> target demos, pool (expert, noisy, planted, self) -> base agent -> warmup."""
-    rng = random.Random(config.seed)
+def demo_tasks(env, config) -> tuple[list[str], list, list, list]:
+    """(target families, target tasks, pool tasks, base-agent tasks) of a demo config, disjoint:
+    ``n_target_per_family`` target tasks per target family, ``n_train_tasks`` pool tasks over
+    all families, and ``n_base_tasks`` tasks of ``config.base_families`` (all when None) for the
+    base agent's demos."""
     families = list(getattr(env, "families", None) or env.games)
     target_families = list(config.target_families or families[: max(1, len(families) // 2)])
     n_target = config.n_target_per_family * len(target_families)
     n_base = config.n_base_tasks
-    tasks = env.tasks("train", config.n_train_tasks + 4 * n_target + n_base, config.seed)
+    base_families = set(getattr(config, "base_families", None) or families)
+    if not base_families <= set(families):
+        raise TrajinfError(
+            f"demo field 'base_families': {sorted(base_families - set(families))} not in {families}"
+        )
+    # tasks are drawn round-robin over the families: enough for n_base of the base families
+    n_draw = n_base * len(families) // len(base_families) + len(families) - len(base_families)
+    tasks = env.tasks("train", config.n_train_tasks + 4 * n_target + n_draw, config.seed)
     target_tasks: list = []
     for fam in target_families:
         target_tasks += [t for t in tasks if t.family == fam][: config.n_target_per_family]
     held = {t.id for t in target_tasks}
     rest = [t for t in tasks if t.id not in held]
-    pool_tasks, base_tasks = rest[: config.n_train_tasks], rest[config.n_train_tasks :][:n_base]
+    pool_tasks = rest[: config.n_train_tasks]
+    base_tasks = [t for t in rest[config.n_train_tasks :] if t.family in base_families][:n_base]
+    return target_families, target_tasks, pool_tasks, base_tasks
+
+
+def build_demo_data(env, config, out: Path, *, progress=None, log: Log = print) -> DemoData:
+    """Tasks -> target demos, pool (expert, noisy, planted, self) -> base agent -> warmup."""
+    rng = random.Random(config.seed)
+    target_families, target_tasks, pool_tasks, base_tasks = demo_tasks(env, config)
 
     log(f"env {env.name}: {len(pool_tasks)} pool tasks, target families {target_families}")
 
