@@ -5,6 +5,8 @@ planted ToolWorld demos only because the tiny agent cannot learn the cue -> part
     python benchmarks/harm_binding.py --out runs/tw-harm-bind-all \\         # repair + unlock,
         --n-base 640 --base-families all                                     # or of all families
     python benchmarks/harm_binding.py --out runs/tw-harm-ru --probe-only    # the preset's agent
+    python benchmarks/harm_binding.py --out runs/tw-harm-bind --probe-only \
+        --contrast 2:3e-3 4:3e-3 8:3e-3 4:1e-2 8:1e-2                       # harder tunings
 
 Runs the ToolWorld plan of ``trajinf bench --harm --env builtin --seeds 5`` with another agent
 recipe: tiny model hidden 128 (the preset: 64), lr 3e-3 for every training of the run (the
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 
 from trajinf.bench.env_bench import BenchConfig
+from trajinf.bench.harm import harm_report
 from trajinf.bench.perf import emit_result
 from trajinf.bench.runner import run_bench
 from trajinf.data.trajectories import load_pool
@@ -83,6 +86,35 @@ def probe_binding(model_dir: Path, pool) -> dict:
     }
 
 
+def contrast_sweep(d: Path, pool, specs: list[str]) -> dict:
+    """Harm rows of the contrast signal at the run's last warm-up checkpoint for each tuning
+    ``EPOCHS:LR`` (the job's default is 2:1e-3)."""
+    from trajinf.data.tokenize import tokenize_pool
+    from trajinf.job.contrast import ContrastConfig, contrast_harm
+    from trajinf.selection.export import read_scores
+
+    target = load_pool(d / "target_demos.jsonl")
+    warm = sorted((d / "models" / "warmup").glob("checkpoint-*"))[-1]
+    scores, steps, _ = read_scores(d.parent / "mixed" / "scores" / "inf")
+    scores = scores.drop(columns=["harm", "harmful", "worst_step"], errors="ignore")
+    families = json.loads((d / "demo.json").read_text())["target_families"]
+    out = {}
+    for spec in specs:
+        epochs, lr = spec.split(":")
+        model, tok = load_model(warm)
+        h = contrast_harm(
+            model, tok, tokenize_pool(pool, tok), tokenize_pool(target, tok),
+            subtasks=[t.meta.get("family") for t in target],
+            config=ContrastConfig(epochs=int(epochs), lr=float(lr)),
+        )  # fmt: skip
+        table = scores.merge(h.trajectories[["id", "harm", "harmful", "worst_step"]], on="id")
+        rep = harm_report(pool, table, steps, h.steps, budget=0.1, families=families)
+        out[spec] = {k: v for k, v in rep.items() if k.startswith(("auroc", "fpr", "recall"))}
+        print(spec, {k: v if not isinstance(v, dict) else (v.get("k"), v.get("n"))
+                     for k, v in out[spec].items()}, flush=True)  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", required=True)
@@ -93,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--base-families", default="repair,unlock", help="comma list, or all")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--probe-only", action="store_true", help="probe an existing run's agents")
+    ap.add_argument("--contrast", nargs="*", default=[], metavar="EPOCHS:LR",
+                    help="also the contrast flag at these tunings (e.g. 4:3e-3)")  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -112,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         "base_per_family": info["base_success"]["per_family"],
         "binding_base": probe_binding(d / "models" / "base", pool),
         "binding_warmup": probe_binding(warm, pool),
+        "contrast": contrast_sweep(d, pool, args.contrast),
     }
     return emit_result(res, out / "binding.json")
 
