@@ -8,9 +8,11 @@ demos and recall on planted ones (exact 95 % intervals), localization top-1.
     python benchmarks/harm_signals.py runs/bench-harm            # both envs, inf + inf-kfac-cos
     python benchmarks/harm_signals.py runs/bench-harm --contrast-only
 
-It also measures the ``contrast`` signal (:mod:`trajinf.job.contrast`, the job's default) from
-the run's pool, target demos and models, at two references: the run's last warm-up checkpoint
-(the model the bench scores with) and the base agent (no warm-up).
+It also measures the ``contrast`` signal (:mod:`trajinf.job.contrast`, the job's default) and
+the ``logprob`` signal (the reference's own log-probabilities, no tuning) from the run's pool,
+target demos and models, at three references: the run's last warm-up checkpoint (the model the
+bench scores with), a warm-up on held-out demos, and the base agent (no warm-up). With
+``--contrast-only`` only these rows are computed.
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ def contrast_rows(d: Path, pool, families, budget: float) -> dict:
     the job's default settings (:class:`trajinf.job.config.ScoreJobConfig`)."""
     from trajinf.data.tokenize import tokenize_pool
     from trajinf.job.config import ScoreJobConfig
-    from trajinf.job.contrast import contrast_harm
+    from trajinf.job.contrast import contrast_harm, logprob_harm
     from trajinf.job.harm import contrast_config
     from trajinf.models.checkpoints import load_model
 
@@ -155,14 +157,20 @@ def contrast_rows(d: Path, pool, families, budget: float) -> dict:
     out = {}
     for name, ref in refs.items():
         model, tok = load_model(ref)
-        h = contrast_harm(
-            model, tok, tokenize_pool(pool, tok), tokenize_pool(target, tok),
-            subtasks=[t.meta.get("family") for t in target], config=contrast_config(jc),
-            alpha=jc.harmful_alpha,
-        )  # fmt: skip
-        table = scores.merge(h.trajectories[FLAG_COLUMNS], on="id")
-        rep = harm_report(pool, table, steps, h.steps, budget=budget, families=families)
-        out[name] = {**rep, "threshold": h.info["threshold"], "method": h.info["method"]}
+        pool_tok, target_tok = tokenize_pool(pool, tok), tokenize_pool(target, tok)
+        results = {
+            ("contrast", name): contrast_harm(
+                model, tok, pool_tok, target_tok,
+                subtasks=[t.meta.get("family") for t in target], config=contrast_config(jc),
+                alpha=jc.harmful_alpha,
+            ),
+            ("logprob", name): logprob_harm(model, tok, pool_tok, target_tok,
+                                            alpha=jc.harmful_alpha),
+        }  # fmt: skip
+        for key, h in results.items():
+            table = scores.merge(h.trajectories[FLAG_COLUMNS], on="id")
+            rep = harm_report(pool, table, steps, h.steps, budget=budget, families=families)
+            out[key] = {**rep, "threshold": h.info["threshold"], "method": h.info["method"]}
     return out
 
 
@@ -181,8 +189,9 @@ def main(root: Path, variants=("inf", "inf-kfac-cos"), ekfac: bool = True) -> di
             demo=SimpleNamespace(target_families=info["target_families"], base_dir=None,
                                  warm_dir=None)
         )  # fmt: skip
-        for ref, rep in contrast_rows(d, scn.pool, info["target_families"], cfg.headline).items():
-            key = f"{plan.env}|contrast@{ref}|contrast|drop"
+        rows = contrast_rows(d, scn.pool, info["target_families"], cfg.headline)
+        for (signal, ref), rep in rows.items():
+            key = f"{plan.env}|{signal}@{ref}|{signal}|drop"
             out[key] = rep
             print(_line(key, rep), flush=True)
         for v in variants:

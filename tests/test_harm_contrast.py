@@ -230,3 +230,71 @@ def test_harm_signal_none_skips_the_harm_step(case, tmp_path):
 
     html = write_score_report(tmp_path / "s", d / "pool.jsonl", tmp_path / "r.html").read_text()
     assert "<html" in html.lower()
+
+
+@pytest.fixture(scope="module")
+def knowing(tmp_path_factory):
+    """A warm-up that knows the skill (coin endings only): the logprob signal's case."""
+    d = tmp_path_factory.mktemp("logprob")
+    target = [demo(i, source="target") for i in range(12)]
+    good = [demo(i) for i in range(12, 24)]
+    reversed_ = [demo(i, obj="map", source="planted") for i in range(24, 27)]
+    pool = good + reversed_ + [other(i) for i in range(6)]
+    write_pool(pool, d / "pool.jsonl")
+    write_pool(target, d / "target.jsonl")
+    tok = train_tokenizer(tokenizer_corpus(pool + target), vocab_size=300)
+    model = tiny_model(tok, hidden=32, layers=1, heads=2, seed=0)
+    warm = [demo(i) for i in range(40, 52)] + [other(i) for i in range(6, 12)]
+    res = train_sft(model, tok, warm, DEMO_TRAIN.__class__(epochs=6, lr=3e-3, seed=0, log_every=0),
+                    checkpoint_dir=d / "warm", n_checkpoints=1)  # fmt: skip
+    ckpt = res.checkpoints[-1]["path"]
+    cfg = build_job_config(proj_dim=64, has_checkpoints=True, subtask_field="family",
+                           harm_signal="logprob")  # fmt: skip
+    score_pool(ckpt, d / "pool.jsonl", d / "target.jsonl", d / "scores", checkpoints=[ckpt],
+               config=cfg)  # fmt: skip
+    return d, pool, good, reversed_, tok, ckpt, cfg
+
+
+def test_logprob_signal_flags_the_step_a_knowing_reference_finds_implausible(knowing):
+    d, pool, good, reversed_, tok, ckpt, _ = knowing
+    scores = pd.read_parquet(d / "scores" / "scores.parquet").set_index("id")
+    info = json.loads((d / "scores" / "job.json").read_text())["harm"]
+    assert info["signal"] == "logprob" and info["n_calibration"] == 12
+    assert info["reference"] == "checkpoint" and "contrast" not in info
+    bad = scores.loc[[t.id for t in reversed_]]
+    assert bad["harmful"].all(), bad[["harm", "harmful"]]
+    assert (bad["worst_step"] == 2).all()
+    assert scores.loc[[t.id for t in good], "harmful"].sum() <= 1
+    assert bad["harm"].min() > scores.loc[[t.id for t in good], "harm"].max()
+    # the step values are the reference's lowest action-token log-prob, read one at a time
+    from trajinf.models.checkpoints import load_model
+    from trajinf.train.sft import pad_id
+
+    model, tk = load_model(ckpt)
+    steps = pd.read_parquet(d / "scores" / "harm_steps.parquet")
+    t = reversed_[0]
+    (item,) = tokenize_pool([t], tk)
+    (lp,) = action_logprobs(model, [item], pad_id(tk))
+    am, sid = np.asarray(item.action_mask, bool), np.asarray(item.step_ids)
+    want = [float(lp[am & (sid == k)].min()) for k in range(item.n_steps)]
+    got = steps[steps["id"] == t.id].sort_values("step")["value"].to_numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_logprob_signal_appended_rows_use_the_stored_threshold(knowing, tmp_path):
+    import shutil
+
+    d, pool, good, reversed_, _, ckpt, cfg = knowing
+    out = tmp_path / "scores"
+    shutil.copytree(d / "scores", out)
+    more = [demo(i) for i in range(60, 63)] + [demo(i, obj="map", source="planted")
+                                               for i in range(63, 65)]  # fmt: skip
+    write_pool(pool + more, tmp_path / "pool.jsonl")
+    score_pool(ckpt, tmp_path / "pool.jsonl", d / "target.jsonl", out, checkpoints=[ckpt],
+               config=cfg, append=True)  # fmt: skip
+    scores = pd.read_parquet(out / "scores.parquet").set_index("id")
+    before = json.loads((d / "scores" / "job.json").read_text())["harm"]["threshold"]
+    after = json.loads((out / "job.json").read_text())["harm"]["threshold"]
+    assert after == before
+    assert scores.loc[[t.id for t in more[3:]], "harmful"].all()
+    assert not scores.loc[[t.id for t in more[:3]], "harmful"].any()

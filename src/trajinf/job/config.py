@@ -41,13 +41,14 @@ class ScoreJobConfig:
         default=0.05,
         metadata={"help": "Level of the harmful flag (false-positive rate on known-good data)."},
     )
-    harm_signal: Literal["contrast", "surprise", "alignment", "none"] = field(
+    harm_signal: Literal["contrast", "logprob", "surprise", "alignment", "none"] = field(
         default="contrast",
         metadata={
             "help": "Harm evidence per step: contrast (log-prob change of its action tokens "
-            "when the model is tuned on the target), surprise (gradient norm) or alignment "
-            "(cosine to the target direction); none skips the harm step (no flag). The flag "
-            "is calibrated on the target."
+            "when the model is tuned on the target), logprob (the model's own log-prob of its "
+            "least likely action token, no tuning: needs a model that knows the skill), "
+            "surprise (gradient norm) or alignment (cosine to the target direction); none "
+            "skips the harm step (no flag). The flag is calibrated on the target."
         },
     )
     harm_epochs: int = field(

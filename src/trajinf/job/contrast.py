@@ -223,3 +223,51 @@ def contrast_flags(
     )  # fmt: skip
     res.info.update(calibration=calibration.tolist(), contrast=asdict(config))
     return res
+
+
+def logprob_values(
+    model: torch.nn.Module, tokenizer, items: Sequence[TokenizedTrajectory], batch_tokens: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values [K], owner [K], step index [K]): per step, the lowest log-probability of its
+    action tokens under ``model`` (the ``logprob`` signal: no tuning)."""
+    lp = action_logprobs(model, items, pad_id(tokenizer), batch_tokens=batch_tokens)
+    return step_minima(items, [np.zeros_like(x) for x in lp], lp)
+
+
+def logprob_harm(
+    model: torch.nn.Module,
+    tokenizer,
+    pool: Sequence[TokenizedTrajectory],
+    target: Sequence[TokenizedTrajectory],
+    *,
+    known_good: np.ndarray | None = None,
+    calibration: np.ndarray | None = None,
+    alpha: float = 0.05,
+    statistic: str = "drop",
+    batch_tokens: int = 8192,
+) -> HarmResult:
+    """Harm of the pool by the reference model's own surprise: a step's value is its least
+    likely action token, the harm score the largest drop below the trajectory's other steps;
+    the flag is calibrated on the known-good target scored the same way (or at the stored
+    ``calibration`` scores, for appended rows). A step the reference finds implausible is the
+    evidence, so the reference must know the skill and not have trained on the target (the
+    job's last warm-up checkpoint, trained on a pool fraction, as for contrast)."""
+    if calibration is None:
+        good = np.ones(len(target), bool) if known_good is None else np.asarray(known_good, bool)
+        if int(good.sum()) < 2:
+            raise TrajinfError(
+                f"harm calibration: {int(good.sum())} known-good target trajectories; need >= 2"
+            )
+        items = [t for t, g in zip(target, good, strict=True) if g]
+        values, owner, _ = logprob_values(model, tokenizer, items, batch_tokens)
+        calibration = step_drops(values, owner, len(items), statistic)[1]
+        calibration = calibration[np.isfinite(calibration)]
+    values, owner, index = logprob_values(model, tokenizer, pool, batch_tokens)
+    ids = np.array([t.id for t in pool], dtype=object)
+    calibration = np.asarray(calibration, np.float64)
+    res = flags_from_step_values(
+        ids, values, owner, index, np.ones(len(pool), bool), calibration, alpha=alpha,
+        statistic=statistic, signal="logprob",
+    )  # fmt: skip
+    res.info.update(calibration=calibration.tolist())
+    return res

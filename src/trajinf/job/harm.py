@@ -1,6 +1,7 @@
 """The scoring job's harm step: the harm score and calibrated flag of every pool trajectory.
 Signal ``contrast`` (the default, :mod:`trajinf.job.contrast`) tunes the scoring checkpoint on
-the target and reads each action token's log-probability change; ``surprise`` / ``alignment``
+the target and reads each action token's log-probability change; ``logprob`` reads the
+checkpoint's own log-probabilities (no tuning); ``surprise`` / ``alignment``
 (:mod:`trajinf.scoring.calibration`) read the feature stores, with the target re-extracted in
 the pool's feature space when the two differ (an extraction preconditioner), into
 ``OUT/calib/store/pool``."""
@@ -21,7 +22,7 @@ from trajinf.data.schema import Trajectory
 from trajinf.data.tokenize import TokenizedTrajectory
 from trajinf.errors import TrajinfError
 from trajinf.job.config import ScoreJobConfig
-from trajinf.job.contrast import ContrastConfig, contrast_flags, contrast_harm
+from trajinf.job.contrast import ContrastConfig, contrast_flags, contrast_harm, logprob_harm
 from trajinf.job.inputs import subtask_labels
 from trajinf.job.shards import resolve_device
 from trajinf.scoring.calibration import HarmResult, harm_flags, store_harm
@@ -92,6 +93,26 @@ def job_contrast_harm(
     return res
 
 
+def job_logprob_harm(
+    model_dir: str | Path,
+    checkpoints: Sequence[Path],
+    pool_tokens: Sequence[TokenizedTrajectory],
+    target: Sequence[Trajectory],
+    target_tokens: Sequence[TokenizedTrajectory],
+    config: ScoreJobConfig,
+) -> HarmResult:
+    """:func:`trajinf.job.contrast.logprob_harm` at the job's last checkpoint (the model itself
+    without checkpoints); the target's failures (an outcome target) do not calibrate."""
+    model, tokenizer = contrast_reference(model_dir, checkpoints, config)
+    res = logprob_harm(
+        model, tokenizer, pool_tokens, target_tokens,
+        known_good=np.array([t.success is not False for t in target]),
+        alpha=config.harmful_alpha, batch_tokens=config.extraction.batch_tokens,
+    )  # fmt: skip
+    res.info["reference"] = "checkpoint" if checkpoints else "model (no warm-up checkpoint)"
+    return res
+
+
 def contrast_reference(model_dir: str | Path, checkpoints: Sequence[Path], config: ScoreJobConfig):
     """(model, tokenizer) the contrast signal tunes: the job's last checkpoint, else the model
     (wrapped in a fresh LoRA with ``--lora``), on the job's device."""
@@ -128,12 +149,13 @@ def job_harm(
     if config.harm_signal == "none":
         return None
     try:
-        if config.harm_signal == "contrast":
+        if config.harm_signal in ("contrast", "logprob"):
             if pool_tokens is None or target_tokens is None:
-                raise TrajinfError("harm signal 'contrast' needs the pool and target tokens")
-            return job_contrast_harm(
-                model_dir, checkpoints, pool_tokens, target, target_tokens, config
-            )
+                raise TrajinfError(
+                    f"harm signal '{config.harm_signal}' needs the pool and target tokens"
+                )
+            job_signal = job_contrast_harm if config.harm_signal == "contrast" else job_logprob_harm
+            return job_signal(model_dir, checkpoints, pool_tokens, target, target_tokens, config)
         calib = calibration_store(
             model_dir, target, out, stores["target"], checkpoints, config, extract
         )
@@ -181,18 +203,23 @@ def append_harm(
     threshold as the rows scored first); their per-step rows are added to
     ``out/harm_steps.parquet``. A job scored before harm calibration existed gets NaN.
     ``contrast``: () -> (reference model, tokenizer, new rows' tokens, target tokens), for a job
-    whose signal is contrast."""
+    whose signal is contrast or logprob."""
     info = job.get("harm")
     if not info:
         return merge_harm(traj, None)
     calibration = np.asarray(info["calibration"], np.float64)
-    if info.get("signal") == "contrast":
+    if info.get("signal") in ("contrast", "logprob"):
         if contrast is None:
-            raise TrajinfError("append: the stored harm signal 'contrast' needs the model")
+            raise TrajinfError(f"append: the stored harm signal '{info['signal']}' needs the model")
         model, tokenizer, tokens, target_tokens = contrast()
-        cc = ContrastConfig(**info["contrast"])
-        res = contrast_flags(model, tokenizer, tokens, target_tokens, calibration, config=cc,
-                             alpha=info["alpha"], statistic=info["statistic"])  # fmt: skip
+        if info["signal"] == "logprob":
+            res = logprob_harm(model, tokenizer, tokens, target_tokens, calibration=calibration,
+                               alpha=info["alpha"], statistic=info["statistic"],
+                               batch_tokens=config.extraction.batch_tokens)  # fmt: skip
+        else:
+            cc = ContrastConfig(**info["contrast"])
+            res = contrast_flags(model, tokenizer, tokens, target_tokens, calibration, config=cc,
+                                 alpha=info["alpha"], statistic=info["statistic"])  # fmt: skip
     else:
         res = harm_flags(
             new,
