@@ -159,3 +159,19 @@ def test_demo_tasks_base_families_restrict_the_base_demos_only():
     assert len({t.id for t in base2}) == 30 and not seen & {t.id for t in base2}
     with pytest.raises(TrajinfError, match="base_families"):
         demo_tasks(env, replace(cfg, base_families=["bake"]))
+
+
+def test_built_data_stamp_ignores_base_families_at_its_default():
+    """Bench data built before the field existed is reused (same stamp); a set value counts."""
+    from trajinf.bench.env_bench import BenchConfig
+    from trajinf.envs import make_env
+
+    plan = BenchConfig.quick().plans[0]
+    assert "base_families" not in plan.demo_config_dict()
+    fams = replace(plan, demo={**plan.demo, "base_families": ["repair"]})
+    assert fams.demo_config_dict()["base_families"] == ["repair"]
+    env = make_env("builtin")
+    c = plan.demo_config()
+    assert (
+        plan.n_tasks_drawn(env) == c.n_train_tasks + 4 * c.n_target_per_family * 2 + c.n_base_tasks
+    )

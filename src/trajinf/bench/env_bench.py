@@ -22,6 +22,7 @@ from trajinf.bench.methods import BENCH_METHODS
 from trajinf.bench.scenarios import SCENARIOS
 from trajinf.errors import TrajinfError
 from trajinf.loop.demo import DemoConfig
+from trajinf.loop.steps import n_tasks_drawn
 
 # scenario -> (methods at the headline budget, methods also run at every other budget)
 FULL_GRID: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -112,6 +113,7 @@ HARM_GRID: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             "inf+drop-harm",
             "inf+repair",
             "inf+repair-inplace",
+            "inf+drop-logprob",
             "inf+drop-oracle",
             "inf+repair-oracle",
             "inf-kfac-cos",
@@ -142,8 +144,11 @@ class EnvPlan:
 
     def demo_config_dict(self) -> dict:
         """JSON-able identity of the built data (reuse key)."""
+        demo = asdict(self.demo_config())
+        if demo.get("base_families") is None:  # the default draws as before the field existed
+            demo.pop("base_families", None)
         return {
-            **asdict(self.demo_config()),
+            **demo,
             "flood_per_task": self.flood_per_task,
             "flood_experts": self.flood_experts,
             "planted": "gold-path-v1",  # TWX planted demos joined the mixed pool (issue 13)
@@ -151,10 +156,7 @@ class EnvPlan:
 
     def n_tasks_drawn(self, env) -> int:
         """How many train tasks ``build_demo_data`` draws (to find the pool's tasks again)."""
-        c = self.demo_config()
-        families = list(getattr(env, "families", None) or env.games)
-        n_fam = len(c.target_families or families[: max(1, len(families) // 2)])
-        return c.n_train_tasks + 4 * c.n_target_per_family * n_fam + c.n_base_tasks
+        return n_tasks_drawn(env, self.demo_config())
 
 
 @dataclass

@@ -38,6 +38,8 @@ VARIANTS: dict[str, dict] = {
     "inf-kfac-cos": {"scoring_preconditioner": "kfac"},
     "inf-smf": {"target_mode": "success_minus_failure"},
     "inf-adv": {"target_mode": "advantage"},
+    # the default scores with the logprob harm signal (the reference's own surprise, issue 13)
+    "inf-logprob": {"harm_signal": "logprob"},
 }
 
 
@@ -77,6 +79,7 @@ BENCH_METHODS: dict[str, Method] = {
     # promoted repaired noisy demos into the budget)
     "inf+repair-inplace": _influence("inf+repair-inplace", "inf", harm="repair-inplace"),
     # the same with the pool's labels as the detector: what repair is worth when detection works
+    "inf+drop-logprob": _influence("inf+drop-logprob", "inf-logprob", harm="drop"),
     "inf+drop-oracle": _influence("inf+drop-oracle", "inf", harm="drop-oracle"),
     "inf+repair-oracle": _influence("inf+repair-oracle", "inf", harm="repair-oracle"),
     # step priors (issue 8): alone (rank by the trajectory's mean prior, weights from the prior)

@@ -52,6 +52,22 @@ def summarize_pool(pool: Sequence[Trajectory]) -> dict:
     return out
 
 
+def n_tasks_drawn(env, config) -> int:
+    """How many train tasks :func:`demo_tasks` draws (seeded by ``config.seed``): the pool, 4x
+    the target, and enough for ``n_base_tasks`` of the base families (tasks are drawn
+    round-robin over the env's families)."""
+    families = list(getattr(env, "families", None) or env.games)
+    target_families = list(config.target_families or families[: max(1, len(families) // 2)])
+    n_target = config.n_target_per_family * len(target_families)
+    base_families = set(getattr(config, "base_families", None) or families)
+    if not base_families <= set(families):
+        raise TrajinfError(
+            f"demo field 'base_families': {sorted(base_families - set(families))} not in {families}"
+        )
+    n_base = config.n_base_tasks * len(families) // len(base_families)
+    return config.n_train_tasks + 4 * n_target + n_base + len(families) - len(base_families)
+
+
 def demo_tasks(env, config) -> tuple[list[str], list, list, list]:
     """(target families, target tasks, pool tasks, base-agent tasks) of a demo config, disjoint:
     ``n_target_per_family`` target tasks per target family, ``n_train_tasks`` pool tasks over
@@ -59,23 +75,16 @@ def demo_tasks(env, config) -> tuple[list[str], list, list, list]:
     base agent's demos."""
     families = list(getattr(env, "families", None) or env.games)
     target_families = list(config.target_families or families[: max(1, len(families) // 2)])
-    n_target = config.n_target_per_family * len(target_families)
-    n_base = config.n_base_tasks
     base_families = set(getattr(config, "base_families", None) or families)
-    if not base_families <= set(families):
-        raise TrajinfError(
-            f"demo field 'base_families': {sorted(base_families - set(families))} not in {families}"
-        )
-    # tasks are drawn round-robin over the families: enough for n_base of the base families
-    n_draw = n_base * len(families) // len(base_families) + len(families) - len(base_families)
-    tasks = env.tasks("train", config.n_train_tasks + 4 * n_target + n_draw, config.seed)
+    tasks = env.tasks("train", n_tasks_drawn(env, config), config.seed)
     target_tasks: list = []
     for fam in target_families:
         target_tasks += [t for t in tasks if t.family == fam][: config.n_target_per_family]
     held = {t.id for t in target_tasks}
     rest = [t for t in tasks if t.id not in held]
     pool_tasks = rest[: config.n_train_tasks]
-    base_tasks = [t for t in rest[config.n_train_tasks :] if t.family in base_families][:n_base]
+    base_tasks = [t for t in rest[config.n_train_tasks :] if t.family in base_families]
+    base_tasks = base_tasks[: config.n_base_tasks]
     return target_families, target_tasks, pool_tasks, base_tasks
 
 
