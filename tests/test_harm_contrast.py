@@ -60,9 +60,9 @@ def other(i: int) -> Trajectory:
                       success=True, meta={"family": "count"})  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def case(tmp_path_factory):
-    d = tmp_path_factory.mktemp("contrast")
+def scored_case(d, warm: list[Trajectory], epochs: int, **job_options):
+    """12 target demos, a pool of 12 good + 3 reversed + 6 other-skill trajectories, a tiny
+    model warmed up on ``warm`` (one checkpoint), scored into ``d/scores``."""
     target = [demo(i, source="target") for i in range(12)]
     good = [demo(i) for i in range(12, 24)]
     reversed_ = [demo(i, obj="map", source="planted") for i in range(24, 27)]
@@ -71,17 +71,23 @@ def case(tmp_path_factory):
     write_pool(target, d / "target.jsonl")
     tok = train_tokenizer(tokenizer_corpus(pool + target), vocab_size=300)
     model = tiny_model(tok, hidden=32, layers=1, heads=2, seed=0)
-    # the warm-up sees coin and map endings alike: it cannot tell them apart, the target can
-    warm = [demo(i) for i in range(40, 46)] + [demo(i, obj="map") for i in range(46, 52)]
     res = train_sft(model, tok, warm + [other(i) for i in range(6, 12)],
-                    DEMO_TRAIN.__class__(epochs=4, lr=3e-3, seed=0, log_every=0),
+                    DEMO_TRAIN.__class__(epochs=epochs, lr=3e-3, seed=0, log_every=0),
                     checkpoint_dir=d / "warm", n_checkpoints=1)  # fmt: skip
     ckpt = res.checkpoints[-1]["path"]
     cfg = build_job_config(proj_dim=64, has_checkpoints=True, subtask_field="family",
-                           harm_epochs=3, harm_lr=3e-3)  # fmt: skip
+                           **job_options)  # fmt: skip
     score_pool(ckpt, d / "pool.jsonl", d / "target.jsonl", d / "scores", checkpoints=[ckpt],
                config=cfg)  # fmt: skip
-    return d, pool, good, reversed_, tok, ckpt
+    return d, pool, good, reversed_, tok, ckpt, cfg
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    # the warm-up sees coin and map endings alike: it cannot tell them apart, the target can
+    warm = [demo(i) for i in range(40, 46)] + [demo(i, obj="map") for i in range(46, 52)]
+    out = scored_case(tmp_path_factory.mktemp("contrast"), warm, 4, harm_epochs=3, harm_lr=3e-3)
+    return out[:-1]
 
 
 def test_reversed_decision_is_flagged_at_that_step_and_clean_trajectories_are_not(case):
@@ -198,7 +204,7 @@ def test_report_shows_the_flagged_trajectories_with_their_bad_step(case, tmp_pat
 
 def test_contrast_without_a_warmup_checkpoint_warns_and_says_so(case):
     from trajinf.data.trajectories import load_pool
-    from trajinf.job.harm import NO_WARMUP_WARNING, job_contrast_harm
+    from trajinf.job.harm import NO_WARMUP_WARNING, job_model_harm
 
     d, _, _, _, tok, ckpt = case
     target = load_pool(d / "target.jsonl")[:4]
@@ -207,12 +213,12 @@ def test_contrast_without_a_warmup_checkpoint_warns_and_says_so(case):
                            harm_epochs=1, harm_folds=2)  # fmt: skip
     args = (tokenize_pool(pool, tok), target, tokenize_pool(target, tok), cfg)
     with pytest.warns(UserWarning, match="without a warm-up checkpoint"):
-        res = job_contrast_harm(ckpt, [], *args)
+        res = job_model_harm(ckpt, [], *args)
     assert res.info["reference"] == "model (no warm-up checkpoint)"
     assert "--checkpoint" in NO_WARMUP_WARNING
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # with a checkpoint: no warning
-        assert job_contrast_harm(ckpt, [ckpt], *args).info["reference"] == "checkpoint"
+        assert job_model_harm(ckpt, [ckpt], *args).info["reference"] == "checkpoint"
 
 
 def test_harm_signal_none_skips_the_harm_step(case, tmp_path):
@@ -235,24 +241,8 @@ def test_harm_signal_none_skips_the_harm_step(case, tmp_path):
 @pytest.fixture(scope="module")
 def knowing(tmp_path_factory):
     """A warm-up that knows the skill (coin endings only): the logprob signal's case."""
-    d = tmp_path_factory.mktemp("logprob")
-    target = [demo(i, source="target") for i in range(12)]
-    good = [demo(i) for i in range(12, 24)]
-    reversed_ = [demo(i, obj="map", source="planted") for i in range(24, 27)]
-    pool = good + reversed_ + [other(i) for i in range(6)]
-    write_pool(pool, d / "pool.jsonl")
-    write_pool(target, d / "target.jsonl")
-    tok = train_tokenizer(tokenizer_corpus(pool + target), vocab_size=300)
-    model = tiny_model(tok, hidden=32, layers=1, heads=2, seed=0)
-    warm = [demo(i) for i in range(40, 52)] + [other(i) for i in range(6, 12)]
-    res = train_sft(model, tok, warm, DEMO_TRAIN.__class__(epochs=6, lr=3e-3, seed=0, log_every=0),
-                    checkpoint_dir=d / "warm", n_checkpoints=1)  # fmt: skip
-    ckpt = res.checkpoints[-1]["path"]
-    cfg = build_job_config(proj_dim=64, has_checkpoints=True, subtask_field="family",
-                           harm_signal="logprob")  # fmt: skip
-    score_pool(ckpt, d / "pool.jsonl", d / "target.jsonl", d / "scores", checkpoints=[ckpt],
-               config=cfg)  # fmt: skip
-    return d, pool, good, reversed_, tok, ckpt, cfg
+    warm = [demo(i) for i in range(40, 52)]
+    return scored_case(tmp_path_factory.mktemp("logprob"), warm, 6, harm_signal="logprob")
 
 
 def test_logprob_signal_flags_the_step_a_knowing_reference_finds_implausible(knowing):

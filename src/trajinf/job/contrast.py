@@ -214,14 +214,28 @@ def contrast_flags(
     before = action_logprobs(model, pool, pad, batch_tokens=config.batch_tokens)
     tuned = tuned_copy(model, tokenizer, target, config)
     after = action_logprobs(tuned, pool, pad, batch_tokens=config.batch_tokens)
-    values, owner, index = step_minima(pool, before, after)
-    ids = np.array([t.id for t in pool], dtype=object)
+    res = pool_flags(pool, step_minima(pool, before, after), calibration, alpha=alpha,
+                     statistic=statistic, signal="contrast")  # fmt: skip
+    res.info.update(contrast=asdict(config))
+    return res
+
+
+def pool_flags(
+    pool: Sequence[TokenizedTrajectory],
+    steps: tuple[np.ndarray, np.ndarray, np.ndarray],
+    calibration: np.ndarray,
+    *,
+    alpha: float,
+    statistic: str,
+    signal: str,
+) -> HarmResult:
+    """Flags of ``pool`` from its step values ``steps`` = (values, owner, step index), at the
+    known-good ``calibration`` harm scores (recorded in ``info``)."""
     calibration = np.asarray(calibration, np.float64)
-    res = flags_from_step_values(
-        ids, values, owner, index, np.ones(len(pool), bool), calibration, alpha=alpha,
-        statistic=statistic, signal="contrast",
-    )  # fmt: skip
-    res.info.update(calibration=calibration.tolist(), contrast=asdict(config))
+    ids = np.array([t.id for t in pool], dtype=object)
+    res = flags_from_step_values(ids, *steps, np.ones(len(pool), bool), calibration,
+                                 alpha=alpha, statistic=statistic, signal=signal)  # fmt: skip
+    res.info.update(calibration=calibration.tolist())
     return res
 
 
@@ -262,12 +276,5 @@ def logprob_harm(
         values, owner, _ = logprob_values(model, tokenizer, items, batch_tokens)
         calibration = step_drops(values, owner, len(items), statistic)[1]
         calibration = calibration[np.isfinite(calibration)]
-    values, owner, index = logprob_values(model, tokenizer, pool, batch_tokens)
-    ids = np.array([t.id for t in pool], dtype=object)
-    calibration = np.asarray(calibration, np.float64)
-    res = flags_from_step_values(
-        ids, values, owner, index, np.ones(len(pool), bool), calibration, alpha=alpha,
-        statistic=statistic, signal="logprob",
-    )  # fmt: skip
-    res.info.update(calibration=calibration.tolist())
-    return res
+    return pool_flags(pool, logprob_values(model, tokenizer, pool, batch_tokens), calibration,
+                      alpha=alpha, statistic=statistic, signal="logprob")  # fmt: skip

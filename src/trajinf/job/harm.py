@@ -69,7 +69,7 @@ def contrast_config(config: ScoreJobConfig) -> ContrastConfig:
                           batch_tokens=config.extraction.batch_tokens)  # fmt: skip
 
 
-def job_contrast_harm(
+def job_model_harm(
     model_dir: str | Path,
     checkpoints: Sequence[Path],
     pool_tokens: Sequence[TokenizedTrajectory],
@@ -77,38 +77,24 @@ def job_contrast_harm(
     target_tokens: Sequence[TokenizedTrajectory],
     config: ScoreJobConfig,
 ) -> HarmResult:
-    """:func:`trajinf.job.contrast.contrast_harm` at the job's last checkpoint (the model itself
-    without checkpoints): the target's subtasks stratify the calibration folds, its failures
-    (an outcome target) do not calibrate."""
-    if not checkpoints:
+    """The model-based harm signals at the job's last checkpoint (the model itself without
+    checkpoints): :func:`trajinf.job.contrast.contrast_harm` (``contrast``: the target's
+    subtasks stratify the calibration folds) or :func:`trajinf.job.contrast.logprob_harm`
+    (``logprob``); the target's failures (an outcome target) do not calibrate."""
+    if not checkpoints and config.harm_signal == "contrast":
         warnings.warn(NO_WARMUP_WARNING, stacklevel=2)
     model, tokenizer = contrast_reference(model_dir, checkpoints, config)
     good = np.array([t.success is not False for t in target])
-    res = contrast_harm(
-        model, tokenizer, pool_tokens, target_tokens,
-        subtasks=subtask_labels(list(target), config.subtask_field), known_good=good,
-        config=contrast_config(config), alpha=config.harmful_alpha,
-    )  # fmt: skip
-    res.info["reference"] = "checkpoint" if checkpoints else "model (no warm-up checkpoint)"
-    return res
-
-
-def job_logprob_harm(
-    model_dir: str | Path,
-    checkpoints: Sequence[Path],
-    pool_tokens: Sequence[TokenizedTrajectory],
-    target: Sequence[Trajectory],
-    target_tokens: Sequence[TokenizedTrajectory],
-    config: ScoreJobConfig,
-) -> HarmResult:
-    """:func:`trajinf.job.contrast.logprob_harm` at the job's last checkpoint (the model itself
-    without checkpoints); the target's failures (an outcome target) do not calibrate."""
-    model, tokenizer = contrast_reference(model_dir, checkpoints, config)
-    res = logprob_harm(
-        model, tokenizer, pool_tokens, target_tokens,
-        known_good=np.array([t.success is not False for t in target]),
-        alpha=config.harmful_alpha, batch_tokens=config.extraction.batch_tokens,
-    )  # fmt: skip
+    if config.harm_signal == "contrast":
+        res = contrast_harm(
+            model, tokenizer, pool_tokens, target_tokens,
+            subtasks=subtask_labels(list(target), config.subtask_field), known_good=good,
+            config=contrast_config(config), alpha=config.harmful_alpha,
+        )  # fmt: skip
+    else:
+        res = logprob_harm(model, tokenizer, pool_tokens, target_tokens, known_good=good,
+                           alpha=config.harmful_alpha,
+                           batch_tokens=config.extraction.batch_tokens)  # fmt: skip
     res.info["reference"] = "checkpoint" if checkpoints else "model (no warm-up checkpoint)"
     return res
 
@@ -154,8 +140,9 @@ def job_harm(
                 raise TrajinfError(
                     f"harm signal '{config.harm_signal}' needs the pool and target tokens"
                 )
-            job_signal = job_contrast_harm if config.harm_signal == "contrast" else job_logprob_harm
-            return job_signal(model_dir, checkpoints, pool_tokens, target, target_tokens, config)
+            return job_model_harm(
+                model_dir, checkpoints, pool_tokens, target, target_tokens, config
+            )
         calib = calibration_store(
             model_dir, target, out, stores["target"], checkpoints, config, extract
         )
