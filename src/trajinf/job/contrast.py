@@ -26,6 +26,11 @@ false-positive rate is therefore measured on known-good pool trajectories in the
 
 Cost: ``folds + 1`` short fine-tunes on the target and two forward passes over the pool (no
 backward over the pool).
+
+The ``logprob`` signal (:func:`logprob_harm`) is the same read without the tuning: a step's
+value is the reference's own log-probability of its least likely action token. It needs a
+reference that knows every skill of the pool: on TextWorld Express it ranks every planted demo
+first but flags known-good demos of games the target does not cover (docs/benchmarks.md).
 """
 
 from __future__ import annotations
