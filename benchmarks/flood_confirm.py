@@ -34,12 +34,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--methods", default=",".join(METHODS), help="comma list")
     ap.add_argument("--planted", type=int, default=0, help="wrong-reason successes per round")
+    ap.add_argument("--lr", type=float, default=None, help="fine-tuning lr (preset's: None)")
+    ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps (preset's: None)")
     args = ap.parse_args(argv)
     methods = tuple(m for m in args.methods.split(",") if m)
     cfg = replace(flood_preset(args.env), seed=args.seed, seeds=args.seeds, rounds=args.rounds,
                   methods=methods, later_methods=None, planted=args.planted)  # fmt: skip
     if args.n_test:
         cfg = replace(cfg, n_test_tasks=args.n_test)
+    if args.lr:
+        cfg = replace(cfg, finetune_lr=args.lr)
+    if args.steps:
+        cfg = replace(cfg, finetune_steps=args.steps)
     return run_flood_bench([cfg], args.out)
 
 
