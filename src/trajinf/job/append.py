@@ -174,12 +174,12 @@ def score_appended(
             todo_cache.extend(done[t.id] for t in todo)
         return todo_cache
 
-    def contrast() -> tuple:
+    def reference() -> tuple:
         model, tok = contrast_reference(model_dir, ckpts, config)
         return model, tok, todo_tokens(), target_tok
 
     traj = append_harm(
-        traj, PoolSource.from_store(new_view), dirs, config, job, out, contrast=contrast
+        traj, PoolSource.from_store(new_view), dirs, config, job, out, reference=reference
     )
     traj = pd.concat([old_scores, traj], ignore_index=True)
     steps = pd.concat(

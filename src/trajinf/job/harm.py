@@ -184,21 +184,21 @@ def append_harm(
     job: dict,
     out: Path,
     *,
-    contrast: Callable[[], tuple] | None = None,
+    reference: Callable[[], tuple] | None = None,
 ) -> pd.DataFrame:
     """Harm columns of appended pool rows at the stored calibration (``job["harm"]``: the same
     threshold as the rows scored first); their per-step rows are added to
     ``out/harm_steps.parquet``. A job scored before harm calibration existed gets NaN.
-    ``contrast``: () -> (reference model, tokenizer, new rows' tokens, target tokens), for a job
-    whose signal is contrast or logprob."""
+    ``reference``: () -> (reference model, tokenizer, new rows' tokens, target tokens), for a
+    job whose signal is model-based (contrast or logprob)."""
     info = job.get("harm")
     if not info:
         return merge_harm(traj, None)
     calibration = np.asarray(info["calibration"], np.float64)
     if info.get("signal") in ("contrast", "logprob"):
-        if contrast is None:
+        if reference is None:
             raise TrajinfError(f"append: the stored harm signal '{info['signal']}' needs the model")
-        model, tokenizer, tokens, target_tokens = contrast()
+        model, tokenizer, tokens, target_tokens = reference()
         if info["signal"] == "logprob":
             res = logprob_harm(model, tokenizer, tokens, target_tokens, calibration=calibration,
                                alpha=info["alpha"], statistic=info["statistic"],

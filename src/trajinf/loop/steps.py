@@ -52,18 +52,25 @@ def summarize_pool(pool: Sequence[Trajectory]) -> dict:
     return out
 
 
-def n_tasks_drawn(env, config) -> int:
-    """How many train tasks :func:`demo_tasks` draws (seeded by ``config.seed``): the pool, 4x
-    the target, and enough for ``n_base_tasks`` of the base families (tasks are drawn
-    round-robin over the env's families)."""
+def demo_families(env, config) -> tuple[list[str], list[str], set[str]]:
+    """(the env's families, the target families: ``config.target_families`` or the first half,
+    the base agent's families: ``config.base_families`` or all)."""
     families = list(getattr(env, "families", None) or env.games)
     target_families = list(config.target_families or families[: max(1, len(families) // 2)])
-    n_target = config.n_target_per_family * len(target_families)
     base_families = set(getattr(config, "base_families", None) or families)
     if not base_families <= set(families):
         raise TrajinfError(
             f"demo field 'base_families': {sorted(base_families - set(families))} not in {families}"
         )
+    return families, target_families, base_families
+
+
+def n_tasks_drawn(env, config) -> int:
+    """How many train tasks :func:`demo_tasks` draws (seeded by ``config.seed``): the pool, 4x
+    the target, and enough for ``n_base_tasks`` of the base families (tasks are drawn
+    round-robin over the env's families)."""
+    families, target_families, base_families = demo_families(env, config)
+    n_target = config.n_target_per_family * len(target_families)
     n_base = config.n_base_tasks * len(families) // len(base_families)
     return config.n_train_tasks + 4 * n_target + n_base + len(families) - len(base_families)
 
@@ -73,9 +80,7 @@ def demo_tasks(env, config) -> tuple[list[str], list, list, list]:
     ``n_target_per_family`` target tasks per target family, ``n_train_tasks`` pool tasks over
     all families, and ``n_base_tasks`` tasks of ``config.base_families`` (all when None) for the
     base agent's demos."""
-    families = list(getattr(env, "families", None) or env.games)
-    target_families = list(config.target_families or families[: max(1, len(families) // 2)])
-    base_families = set(getattr(config, "base_families", None) or families)
+    _, target_families, base_families = demo_families(env, config)
     tasks = env.tasks("train", n_tasks_drawn(env, config), config.seed)
     target_tasks: list = []
     for fam in target_families:
