@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from trajinf.bench.env_bench import BenchConfig
-from trajinf.bench.harm import harm_report
+from trajinf.bench.harm import flag_report
 from trajinf.bench.perf import emit_result
 from trajinf.bench.runner import run_bench
 from trajinf.data.trajectories import load_pool
@@ -96,7 +96,6 @@ def contrast_sweep(d: Path, pool, specs: list[str]) -> dict:
     target = load_pool(d / "target_demos.jsonl")
     warm = sorted((d / "models" / "warmup").glob("checkpoint-*"))[-1]
     scores, steps, _ = read_scores(d.parent / "mixed" / "scores" / "inf")
-    scores = scores.drop(columns=["harm", "harmful", "worst_step"], errors="ignore")
     families = json.loads((d / "demo.json").read_text())["target_families"]
     out = {}
     for spec in specs:
@@ -107,8 +106,7 @@ def contrast_sweep(d: Path, pool, specs: list[str]) -> dict:
             subtasks=[t.meta.get("family") for t in target],
             config=ContrastConfig(epochs=int(epochs), lr=float(lr)),
         )  # fmt: skip
-        table = scores.merge(h.trajectories[["id", "harm", "harmful", "worst_step"]], on="id")
-        rep = harm_report(pool, table, steps, h.steps, budget=0.1, families=families)
+        rep = flag_report(pool, scores, steps, h, budget=0.1, families=families)
         out[spec] = {k: v for k, v in rep.items() if k.startswith(("auroc", "fpr", "recall"))}
         print(spec, {k: v if not isinstance(v, dict) else (v.get("k"), v.get("n"))
                      for k, v in out[spec].items()}, flush=True)  # fmt: skip

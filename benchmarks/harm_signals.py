@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from trajinf.bench.env_bench import BenchConfig
-from trajinf.bench.harm import harm_report
+from trajinf.bench.harm import flag_report
 from trajinf.bench.methods import job_config
 from trajinf.data.trajectories import load_pool
 from trajinf.job.kfac import load_kfac
@@ -35,9 +35,6 @@ from trajinf.scoring.calibration import store_harm
 from trajinf.scoring.directions import directions_from_stores
 from trajinf.selection.export import read_scores
 from trajinf.store.feature_store import FeatureStore
-
-# the harm flag's columns each row of this script merges into the run's influence scores
-FLAG_COLUMNS = ["id", "harm", "harmful", "worst_step"]
 
 
 def ekfac_precondition(vectors, factors, eig: list, damping: float = 0.1):
@@ -102,8 +99,7 @@ def ekfac_rows(root: Path, plan, cfg, data, scn) -> dict:
     cal = calibration_scores(subset_source(csrc, pos), ts, conf, pool=src, signal="alignment",
                              subtasks=inputs["subtasks"], lr=pool.learning_rates)  # fmt: skip
     h = harm_flags(src, dirs, conf, cal, alpha=0.05, signal="alignment")
-    table = res.trajectories.merge(h.trajectories[FLAG_COLUMNS], on="id")
-    return harm_report(scn.pool, table, res.steps, h.steps, budget=cfg.headline,
+    return flag_report(scn.pool, res.trajectories, res.steps, h, budget=cfg.headline,
                        families=data.demo.target_families)  # fmt: skip
 
 
@@ -153,7 +149,6 @@ def contrast_rows(d: Path, pool, families, budget: float) -> dict:
             "base": d / "data" / "models" / "base"}  # fmt: skip
     # selection shares: the default influence scores of the run, each reference's flag and plan
     scores, steps, _ = read_scores(d / "mixed" / "scores" / "inf")
-    scores = scores.drop(columns=["harm", "harmful", "worst_step"], errors="ignore")
     out = {}
     for name, ref in refs.items():
         model, tok = load_model(ref)
@@ -168,8 +163,7 @@ def contrast_rows(d: Path, pool, families, budget: float) -> dict:
                                             alpha=jc.harmful_alpha),
         }  # fmt: skip
         for key, h in results.items():
-            table = scores.merge(h.trajectories[FLAG_COLUMNS], on="id")
-            rep = harm_report(pool, table, steps, h.steps, budget=budget, families=families)
+            rep = flag_report(pool, scores, steps, h, budget=budget, families=families)
             out[key] = {**rep, "threshold": h.info["threshold"], "method": h.info["method"]}
     return out
 
@@ -213,9 +207,7 @@ def main(root: Path, variants=("inf", "inf-kfac-cos"), ekfac: bool = True) -> di
                 for stat in ("drop", "min"):
                     h = store_harm(pool, target, calib, dirs, jc.scoring, alpha=0.05,
                                    statistic=stat, signal=signal, kfac=kfac)  # fmt: skip
-                    table = scores.drop(columns=["harm", "harmful", "worst_step"], errors="ignore")
-                    table = table.merge(h.trajectories[FLAG_COLUMNS], on="id")
-                    rep = harm_report(scn.pool, table, steps, h.steps, budget=cfg.headline,
+                    rep = flag_report(scn.pool, scores, steps, h, budget=cfg.headline,
                                       families=data.demo.target_families)  # fmt: skip
                     key = f"{plan.env}|{v}|{signal}|{stat}"
                     out[key] = {**rep, "threshold": h.info["threshold"],

@@ -97,6 +97,25 @@ def harm_report(
     return out
 
 
+FLAG_COLUMNS = ("harm", "harmful", "worst_step")  # a harm result's columns a report reads
+
+
+def flag_report(
+    pool: Sequence[Trajectory],
+    scores: pd.DataFrame,
+    steps: pd.DataFrame,
+    harm,
+    *,
+    budget: float = 0.1,
+    families: Sequence[str] = (),
+) -> dict:
+    """:func:`harm_report` of a harm result (``HarmResult``: trajectories, steps) recomputed
+    outside the job: its flag columns replace the ones ``scores`` carries."""
+    table = scores.drop(columns=list(FLAG_COLUMNS), errors="ignore")
+    table = table.merge(harm.trajectories[["id", *FLAG_COLUMNS]], on="id")
+    return harm_report(pool, table, steps, harm.steps, budget=budget, families=families)
+
+
 def _localization(
     pool: Sequence[Trajectory],
     harm_steps: pd.DataFrame,
