@@ -27,7 +27,7 @@ from trajinf.bench.perf import emit_result
 from trajinf.data.tokenize import tokenize_pool
 from trajinf.data.trajectories import load_pool
 from trajinf.envs.evaluate import auroc
-from trajinf.job.contrast import action_logprobs
+from trajinf.job.contrast import action_logprobs, step_minima
 from trajinf.models.checkpoints import load_model
 from trajinf.scoring.calibration import step_drops
 from trajinf.train.sft import pad_id
@@ -45,20 +45,17 @@ def token_medians(items, logprobs) -> dict[int, float]:
 
 
 def step_values(items, logprobs, medians: dict[int, float] | None):
-    """(values [K], owner [K], step [K]): the lowest (normalized) action-token log-prob per step."""
-    vals, owner, steps = [], [], []
-    for i, (it, x) in enumerate(zip(items, logprobs, strict=True)):
-        am, sid = np.asarray(it.action_mask, bool), np.asarray(it.step_ids)
-        c = np.asarray(x, np.float64)
-        if medians is not None:
-            c = c - np.array([medians.get(int(t), 0.0) if m else 0.0
-                              for t, m in zip(it.input_ids, am, strict=True)])  # fmt: skip
-        for k in range(int(it.n_steps)):
-            sel = am & (sid == k)
-            vals.append(float(c[sel].min()) if sel.any() else np.nan)
-            owner.append(i)
-            steps.append(k)
-    return np.array(vals), np.array(owner), np.array(steps)
+    """(values [K], owner [K], step [K]): the lowest (normalized) action-token log-prob per
+    step (:func:`trajinf.job.contrast.step_minima` of the log-probs, minus each token id's
+    median with ``medians``)."""
+    if medians is not None:
+        logprobs = [
+            np.asarray(x, np.float64) - np.array([medians.get(int(t), 0.0) if m else 0.0
+                                                  for t, m in zip(it.input_ids, it.action_mask,
+                                                                  strict=True)])
+            for it, x in zip(items, logprobs, strict=True)
+        ]  # fmt: skip
+    return step_minima(items, [np.zeros_like(x) for x in logprobs], logprobs)
 
 
 def main(d: Path, refs: list[str]) -> dict:
