@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--planted", type=int, default=0, help="wrong-reason successes per round")
     ap.add_argument("--lr", type=float, default=None, help="fine-tuning lr (preset's: None)")
     ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps (preset's: None)")
+    ap.add_argument("--k", type=int, default=None, help="rollouts per task (preset's: None)")
     args = ap.parse_args(argv)
     methods = tuple(m for m in args.methods.split(",") if m)
     cfg = replace(flood_preset(args.env), seed=args.seed, seeds=args.seeds, rounds=args.rounds,
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = replace(cfg, finetune_lr=args.lr)
     if args.steps:
         cfg = replace(cfg, finetune_steps=args.steps)
+    if args.k:
+        cfg = replace(cfg, k=args.k)
     return run_flood_bench([cfg], args.out)
 
 

@@ -127,6 +127,41 @@ def test_rs_filters_drop_the_lowest_quarter_or_the_flagged_successes():
     assert ids == [t.id for t in pool if t.success and not t.meta.get("planted")]
 
 
+def _two_step(task: str, k: int, actions: tuple[str, str], success: bool) -> Trajectory:
+    msgs = [{"role": "user", "content": f"goal {task}"}]
+    for a in actions:
+        msgs += [{"role": "assistant", "content": a}, {"role": "user", "content": "ok"}]
+    return Trajectory(id=f"{task}-{k}", messages=msgs, task_id=task, source="self",
+                      success=success, meta={"family": "f"})  # fmt: skip
+
+
+def test_step_weighted_rs_zeroes_the_steps_against_the_evidence():
+    """rs*inf: every success, weight 0 on its steps with a negative inf-adv step score (NaN: no
+    evidence, 1), dropped when no step is left; rs*branch: weight 1 only on steps with positive
+    branch credit -- the choice at a branch point whose continuations succeeded more often."""
+    # task a: 'x' then 'go' succeeds (2 of 2), 'x' then 'stay' fails (2 of 2); task d: always
+    # 'x', 'go', all successful (no branch, no credit)
+    pool = [_two_step("a", k, ("x", "go" if k < 2 else "stay"), k < 2) for k in range(4)]
+    pool += [_two_step("d", k, ("x", "go"), True) for k in range(2)]
+    st = pd.DataFrame({
+        "id": ["a-0", "a-0", "a-1", "a-1", "d-0", "d-0", "d-1", "d-1"],
+        "step": [0, 1, 0, 1, 0, 1, 0, 1],
+        "score": [-0.5, 0.3, -0.1, -0.2, np.nan, 0.4, 0.2, 0.1],
+    })  # fmt: skip
+    scores = pd.DataFrame({"id": [t.id for t in pool], "score": 0.0})
+    scored = FloodScores({"adv": scores}, {"adv": st}, None, 1)
+    ids, w, info = select_flood("rs*inf", pool, budget=0.1, seed=0, scored=scored)
+    assert ids == ["a-0", "d-0", "d-1"] and info["n_dropped_successes"] == 1  # a-1: no step left
+    assert w == {"a-0": [0.0, 1.0], "d-0": [1.0, 1.0], "d-1": [1.0, 1.0]}
+    ids, w, info = select_flood("rs*branch", pool, budget=0.1, seed=0)
+    # a's shared first step 'x' has no credit, 'go' beats 'stay'; d has one outcome: no credit
+    assert ids == ["a-0", "a-1"] and w == {"a-0": [0.0, 1.0], "a-1": [0.0, 1.0]}
+    assert math.isclose(info["step_weight_share"], 2 / 8)
+    nan = FloodScores({"adv": scores}, {"adv": st.assign(score=np.nan)}, None, 1)
+    ids, w, info = select_flood("rs*inf", pool, budget=0.1, seed=0, scored=nan)
+    assert w is None and ids == [t.id for t in pool if t.success] and "fallback" in info
+
+
 def test_per_task_influence_spreads_over_tasks():
     """inf-adv|succ/task: reference by loops: repeatedly take each task's best remaining
     success, tasks in order of that success's score."""

@@ -41,6 +41,10 @@ FLOOD_METHODS: dict[str, str] = {
     "score (influence as a filter on rs, not a budget pick)",
     "rs-harm": "rejection sampling minus the successes the contrast harm flag marks (tuned on "
     "the target demos; trajinf.job.contrast)",
+    "rs*inf": "rejection sampling with per-step loss weights: 0 on the steps whose inf-adv step "
+    "score is negative (the step's gradient opposes the group-advantage direction)",
+    "rs*branch": "rejection sampling with per-step loss weights: 1 only on the steps with positive "
+    "Tree-GRPO branch credit (a choice that led to more successes than its siblings)",
     "rs-oracle": "rejection sampling minus the planted (wrong-reason) successes, by their hidden "
     "label: what a perfect filter is worth (benchmark only)",
     "dapo": "DAPO group filter (drop all-success / all-fail tasks), then a random budget",
@@ -58,7 +62,9 @@ FLOOD_METHODS: dict[str, str] = {
     "inf-adv*branch": "inf-adv ranking with Tree-GRPO branch-credit step weights",
 }
 NEEDS_SCORES = {
-    m for m in FLOOD_METHODS if m.startswith("inf") or m in ("rds", "loss", "rs-inf", "rs-harm")
+    m
+    for m in FLOOD_METHODS
+    if m.startswith("inf") or m in ("rds", "loss", "rs-inf", "rs*inf", "rs-harm")
 }
 DEFAULT_METHODS = (
     "base", "rs", "rs-budget", "rs+ee", "rs-rare", "dapo", "random", "full", "rds", "loss",
@@ -275,6 +281,8 @@ def select_flood(
     if method in ("rs-budget", "rs+ee"):  # rs+ee: the rounds driver adds the examples
         s = ids[succ]
         return list(s[rng.permutation(len(s))[:k]]), None, info
+    if method == "rs*branch":
+        return _weighted_successes(pool, step_prior("branch", list(pool), env=env), info)
     rates = pass_rates(pool)
     if method == "rs-rare":
         s = [t for t in pool if t.success]
@@ -300,6 +308,12 @@ def select_flood(
         flagged = flagged["harmful"].reindex([str(i) for i in ids]).fillna(False).to_numpy(bool)
         info["n_flagged_successes"] = int((flagged & succ).sum())
         return list(ids[succ & ~flagged]), None, info
+    if method == "rs*inf":
+        st = scored.steps["adv"]
+        if not np.isfinite(st["score"].to_numpy(float)).any():
+            info["fallback"] = "no outcome direction (every group one outcome): rs"
+            return list(ids[succ]), None, info
+        return _weighted_successes(pool, st, info, positive=False)
     mode = {"inf-less": "less", "inf-smf": "smf"}.get(method, "adv")
     table = scored.scores[mode].set_index(scored.scores[mode]["id"].astype(str))["score"]
     table = table.reindex([str(i) for i in ids])
@@ -342,6 +356,26 @@ def select_flood(
         ), step_values=combined, step_weights=True, seed=seed,
     )  # fmt: skip
     return sel.ids[:k], sel.step_weights, info
+
+
+def _weighted_successes(
+    pool: Sequence[Trajectory], steps: pd.DataFrame, info: dict, *, positive: bool = True
+) -> tuple[list[str], dict[str, list[float]], dict]:
+    """Every success with per-step weights from ``steps`` (id, step, value or score): weight 0
+    on the steps with value <= 0 (``positive``) or < 0, 1 elsewhere (NaN: no evidence, 1). A
+    success left with no weighted step is not picked."""
+    from trajinf.selection.priors.combine import weights_from_steps
+
+    succ = [t for t in pool if t.success]
+    weights = weights_from_steps(
+        steps, [t.id for t in succ], threshold=np.nextafter(0.0, 1.0) if positive else 0.0,
+        n_steps={t.id: len(t.steps()) for t in succ},
+    )  # fmt: skip
+    ids = [t.id for t in succ if sum(weights[t.id]) > 0]
+    n_steps = sum(len(w) for w in weights.values())
+    info["step_weight_share"] = sum(sum(weights[i]) for i in ids) / max(1, n_steps)
+    info["n_dropped_successes"] = len(succ) - len(ids)
+    return ids, {i: weights[i] for i in ids}, info
 
 
 # past round 1 (each round of each method samples, scores and trains anew): the practitioner's
