@@ -37,6 +37,14 @@ from trajinf.selection.export import read_scores
 from trajinf.store.feature_store import FeatureStore
 
 
+def scoped(h, pool, families):
+    """The bench's harm scope (``--harm-scope subtask``, family subtasks): trajectories of
+    families the target does not show are not assessed."""
+    from trajinf.job.harm import scope_harm
+
+    return scope_harm(h, {t.id: str(t.meta.get("family")) for t in pool}, families)
+
+
 def ekfac_precondition(vectors, factors, eig: list, damping: float = 0.1):
     """EK-FAC in the projected space: per layer, F -> Q_G [(Q_G^T F Q_A) / (L + lambda)] Q_A^T
     with Q_A, Q_G the eigenbases of the K-FAC factors and L the corrected eigenvalues (mean
@@ -98,7 +106,8 @@ def ekfac_rows(root: Path, plan, cfg, data, scn) -> dict:
     )
     cal = calibration_scores(subset_source(csrc, pos), ts, conf, pool=src, signal="alignment",
                              subtasks=inputs["subtasks"], lr=pool.learning_rates)  # fmt: skip
-    h = harm_flags(src, dirs, conf, cal, alpha=0.05, signal="alignment")
+    h = scoped(harm_flags(src, dirs, conf, cal, alpha=0.05, signal="alignment"), scn.pool,
+               data.demo.target_families)  # fmt: skip
     return flag_report(scn.pool, res.trajectories, res.steps, h, budget=cfg.headline,
                        families=data.demo.target_families)  # fmt: skip
 
@@ -163,6 +172,7 @@ def contrast_rows(d: Path, pool, families, budget: float) -> dict:
                                             alpha=jc.harmful_alpha),
         }  # fmt: skip
         for key, h in results.items():
+            h = scoped(h, pool, families)
             rep = flag_report(pool, scores, steps, h, budget=budget, families=families)
             out[key] = {**rep, "threshold": h.info["threshold"], "method": h.info["method"]}
     return out
@@ -207,6 +217,7 @@ def main(root: Path, variants=("inf", "inf-kfac-cos"), ekfac: bool = True) -> di
                 for stat in ("drop", "min"):
                     h = store_harm(pool, target, calib, dirs, jc.scoring, alpha=0.05,
                                    statistic=stat, signal=signal, kfac=kfac)  # fmt: skip
+                    h = scoped(h, scn.pool, data.demo.target_families)
                     rep = flag_report(scn.pool, scores, steps, h, budget=cfg.headline,
                                       families=data.demo.target_families)  # fmt: skip
                     key = f"{plan.env}|{v}|{signal}|{stat}"
@@ -224,7 +235,9 @@ def _line(key: str, r: dict) -> str:
     f, rc, loc = r["fpr_known_good"], r["recall_planted"], r["localization"]
     return (
         f"{key:40s} AUROC {r.get('auroc_planted_vs_good', float('nan')):.3f} "
-        f"(same family {r.get('auroc_planted_vs_good_same_family', float('nan')):.3f})  "
+        f"(same family {r.get('auroc_planted_vs_good_same_family', float('nan')):.3f}, "
+        f"assessed {r.get('auroc_planted_vs_good_assessed', float('nan')):.3f}; "
+        f"{r.get('n_unassessed', 0)} unassessed)  "
         f"FPR {f['k']}/{f['n']} [{f['ci_exact'][0]:.2f}, {f['ci_exact'][1]:.2f}]  "
         f"recall {rc['k']}/{rc['n']} [{rc['ci_exact'][0]:.2f}, {rc['ci_exact'][1]:.2f}]  "
         f"loc one-bad {loc['one_bad_step']['top1']:.2f} (chance "

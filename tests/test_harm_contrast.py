@@ -288,3 +288,82 @@ def test_logprob_signal_appended_rows_use_the_stored_threshold(knowing, tmp_path
     assert after == before
     assert scores.loc[[t.id for t in more[3:]], "harmful"].all()
     assert not scores.loc[[t.id for t in more[:3]], "harmful"].any()
+
+
+def test_scope_leaves_uncovered_subtasks_unassessed_and_unflagged():
+    """scope_harm against its definition: a flagged trajectory of a subtask the target does not
+    show loses its flag and bad steps, keeps its harm score; covered None assesses all."""
+    from trajinf.job.harm import scope_harm
+    from trajinf.scoring.calibration import HarmResult
+
+    traj = pd.DataFrame({"id": ["a", "b", "c"], "harm": [2.0, 3.0, 0.1],
+                         "harmful": [True, True, False], "n_bad_steps": [1, 2, 0]})  # fmt: skip
+    steps = pd.DataFrame({"id": ["a", "a", "b", "b", "c"], "step": [0, 1, 0, 1, 0],
+                          "bad": [True, False, True, True, False]})  # fmt: skip
+    res = HarmResult(traj, steps, {"threshold": 1.0})
+    out = scope_harm(res, {"a": "stash", "b": "count", "c": "stash"}, ["stash"])
+    t = out.trajectories.set_index("id")
+    assert t["assessed"].tolist() == [True, False, True]
+    assert t["harmful"].tolist() == [True, False, False]
+    assert t["harm"].tolist() == [2.0, 3.0, 0.1] and t["n_bad_steps"].tolist() == [1, 0, 0]
+    assert out.steps["bad"].tolist() == [True, False, False, False, False]
+    assert out.info == {"threshold": 1.0, "scope": {"covered": ["stash"], "n_unassessed": 1}}
+    every = scope_harm(res, None, None)
+    assert every.trajectories["assessed"].all()
+    assert every.trajectories["harmful"].tolist() == [True, True, False]
+    assert every.info["scope"] == {"covered": None, "n_unassessed": 0}
+
+
+@pytest.fixture(scope="module")
+def scoped(tmp_path_factory):
+    """The knowing case with --harm-scope subtask: the 6 other-skill ("count") trajectories are
+    outside the target's subtask ("stash")."""
+    warm = [demo(i) for i in range(40, 52)]
+    return scored_case(tmp_path_factory.mktemp("scoped"), warm, 6, harm_signal="logprob",
+                       harm_scope="subtask")  # fmt: skip
+
+
+def test_subtask_scope_assesses_only_the_targets_subtasks(scoped, knowing, tmp_path):
+    import shutil
+
+    d, pool, good, reversed_, _, ckpt, cfg = scoped
+    scores = pd.read_parquet(d / "scores" / "scores.parquet").set_index("id")
+    others = [t.id for t in pool if t.meta["family"] == "count"]
+    stash = [t.id for t in pool if t.meta["family"] == "stash"]
+    assert not scores.loc[others, "assessed"].any() and not scores.loc[others, "harmful"].any()
+    assert scores.loc[stash, "assessed"].all()
+    # on the covered subtask the scope changes nothing: same harm and flags as scope "all"
+    full = pd.read_parquet(knowing[0] / "scores" / "scores.parquet").set_index("id")
+    pd.testing.assert_series_equal(scores.loc[stash, "harmful"], full.loc[stash, "harmful"])
+    np.testing.assert_allclose(scores["harm"], full.loc[scores.index, "harm"])
+    assert full["assessed"].all()
+    assert scores.loc[[t.id for t in reversed_], "harmful"].all()
+    info = json.loads((d / "scores" / "job.json").read_text())["harm"]
+    assert info["scope"] == {"covered": ["stash"], "n_unassessed": 6}
+    # appended rows keep the job's scope: a new other-skill row is not assessed
+    out = tmp_path / "scores"
+    shutil.copytree(d / "scores", out)
+    more = [other(20), demo(70, obj="map", source="planted")]
+    write_pool(pool + more, tmp_path / "pool.jsonl")
+    score_pool(ckpt, tmp_path / "pool.jsonl", d / "target.jsonl", out, checkpoints=[ckpt],
+               config=cfg, append=True)  # fmt: skip
+    s2 = pd.read_parquet(out / "scores.parquet").set_index("id")
+    assert s2.loc["other-20", "assessed"] == False  # noqa: E712
+    assert s2.loc["other-20", "harmful"] == False  # noqa: E712
+    assert s2.loc[more[1].id, "assessed"] and s2.loc[more[1].id, "harmful"]
+
+
+def test_job_scope_warns_with_the_count_of_unassessed(caplog):
+    from trajinf.job.harm import job_scope
+    from trajinf.scoring.calibration import HarmResult
+
+    pool = [demo(0), other(1), other(2)]
+    res = HarmResult(pd.DataFrame({"id": [t.id for t in pool], "harm": [1.0, 2.0, 3.0],
+                                   "harmful": [False, True, True]}),
+                     pd.DataFrame({"id": [], "step": [], "bad": []}), {})  # fmt: skip
+    cfg = build_job_config(subtask_field="family", harm_scope="subtask")
+    with caplog.at_level("WARNING"):
+        out = job_scope(res, pool, [demo(5, source="target")], cfg)
+    assert out.trajectories["harmful"].tolist() == [False, False, False]
+    assert "2 of 3 pool trajectories" in caplog.text and "stash" in caplog.text
+    assert job_scope(res, pool, [demo(5)], build_job_config()).trajectories["harmful"].sum() == 2

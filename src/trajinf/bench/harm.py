@@ -54,6 +54,9 @@ def harm_report(
     on_target = np.array([t.meta.get("family") in set(families) for t in pool])
     harm = by_id.loc[ids, "harm"].to_numpy(float)
     flag = by_id.loc[ids, "harmful"].fillna(False).to_numpy(bool)
+    assessed = np.ones(len(ids), bool)
+    if "assessed" in by_id:
+        assessed = by_id.loc[ids, "assessed"].astype(object).fillna(True).to_numpy(bool)
     both = planted | good
     out: dict = {
         "available": True,
@@ -63,6 +66,7 @@ def harm_report(
         "fpr_known_good_target_families": flag_rate(flag[good & on_target]),
         "recall_planted": flag_rate(flag[planted]),
         "n_flagged": int(flag.sum()),
+        "n_unassessed": int((~assessed).sum()),
     }
     if planted.any() and good.any():
         out["auroc_planted_vs_good"] = auroc(harm[both], planted[both])
@@ -73,6 +77,10 @@ def harm_report(
         if (good & same).any():
             out["auroc_planted_vs_good_same_family"] = auroc(harm[same], planted[same])
         out["auroc_planted_vs_pool"] = auroc(harm, planted)
+        if not assessed.all() and (good & assessed).any() and (planted & assessed).any():
+            # among the trajectories the flag assesses (--harm-scope subtask)
+            m = both & assessed
+            out["auroc_planted_vs_good_assessed"] = auroc(harm[m], planted[m])
         for col, key in (("score", "auroc_low_score_vs_good"),
                          ("min_step_score", "auroc_min_step_vs_good")):  # fmt: skip
             if col in by_id:
@@ -97,7 +105,8 @@ def harm_report(
     return out
 
 
-FLAG_COLUMNS = ("harm", "harmful", "worst_step")  # a harm result's columns a report reads
+# a harm result's columns a report reads (assessed: only with a harm scope)
+FLAG_COLUMNS = ("harm", "harmful", "worst_step", "assessed")
 
 
 def flag_report(
@@ -111,8 +120,9 @@ def flag_report(
 ) -> dict:
     """:func:`harm_report` of a harm result (``HarmResult``: trajectories, steps) recomputed
     outside the job: its flag columns replace the ones ``scores`` carries."""
+    cols = [c for c in FLAG_COLUMNS if c in harm.trajectories]
     table = scores.drop(columns=list(FLAG_COLUMNS), errors="ignore")
-    table = table.merge(harm.trajectories[["id", *FLAG_COLUMNS]], on="id")
+    table = table.merge(harm.trajectories[["id", *cols]], on="id")
     return harm_report(pool, table, steps, harm.steps, budget=budget, families=families)
 
 

@@ -128,6 +128,8 @@ def job_config(
         proj_dim=proj_dim,
         has_checkpoints=True,
         subtask_field="family",
+        # the target shows some families: its calibration judges those, not the others
+        harm_scope="subtask",
         seed=seed,
         max_length=None,
         **opts,

@@ -178,9 +178,10 @@ def score_appended(
         model, tok = contrast_reference(model_dir, ckpts, config)
         return model, tok, todo_tokens(), target_tok
 
-    traj = append_harm(
-        traj, PoolSource.from_store(new_view), dirs, config, job, out, reference=reference
-    )
+    labels = dict(zip((t.id for t in todo), subtask_labels(todo, config.subtask_field),
+                      strict=True))  # fmt: skip
+    traj = append_harm(traj, PoolSource.from_store(new_view), dirs, config, job, out,
+                       reference=reference, labels=labels)  # fmt: skip
     traj = pd.concat([old_scores, traj], ignore_index=True)
     steps = pd.concat(
         [pd.read_parquet(out / "step_scores.parquet"), result.steps], ignore_index=True

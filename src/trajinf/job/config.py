@@ -51,6 +51,14 @@ class ScoreJobConfig:
             "skips the harm step (no flag). The flag is calibrated on the target."
         },
     )
+    harm_scope: Literal["all", "subtask"] = field(
+        default="all",
+        metadata={
+            "help": "Pool trajectories the harm flag assesses: all, or subtask (only those whose "
+            "--subtask-field value is one of the known-good target's: a target calibrates only "
+            "the skills it shows; the others get assessed=False and are never flagged)."
+        },
+    )
     harm_epochs: int = field(
         default=2, metadata={"help": "Epochs of the contrast signal's tuning on the target.",
                              "min": 1}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from trajinf.store.feature_store import FeatureStore
 
 log = logging.getLogger(__name__)
 
-HARM_COLUMNS = ("harm", "worst_step", "harm_p", "n_bad_steps")
+HARM_COLUMNS = ("harm", "worst_step", "harm_p", "n_bad_steps", "assessed")
 NO_WARMUP_WARNING = (
     "harm flag (contrast signal) without a warm-up checkpoint: the reference model was not "
     "trained on the pool, so tuning it on the target can move the pool's tokens for reasons "
@@ -60,6 +60,64 @@ def calibration_store(
         return target_store
     return extract(model_dir, list(target), out / "calib", checkpoints=checkpoints,
                    config=config).stores["pool"]  # fmt: skip
+
+
+def scope_harm(
+    res: HarmResult, labels: Mapping[str, str] | None, covered: Iterable[str] | None
+) -> HarmResult:
+    """``res`` with an ``assessed`` column: True where the trajectory's subtask label
+    (``labels``: id -> label) is one of ``covered`` (the known-good target's subtasks), else
+    False, and an unassessed trajectory is never flagged (``harmful`` False, no bad steps).
+    The harm score itself is kept. ``covered`` None: every trajectory is assessed (scope
+    "all"). ``info["scope"]``: the covered subtasks and how many trajectories were left out."""
+    t = res.trajectories.copy()
+    ids = t["id"].astype(str)
+    if covered is None:
+        assessed = np.ones(len(t), bool)
+    else:
+        cover = set(map(str, covered))
+        assessed = ids.map(lambda i: (labels or {}).get(i) in cover).to_numpy(bool)
+    t["assessed"] = assessed
+    t["harmful"] = t["harmful"].fillna(False).astype(bool) & assessed
+    if "n_bad_steps" in t:
+        t["n_bad_steps"] = np.where(assessed, t["n_bad_steps"], 0)
+    steps = res.steps.copy()
+    if "bad" in steps and not assessed.all():
+        ok = dict(zip(ids, assessed, strict=True))
+        steps["bad"] = steps["bad"].astype(bool) & steps["id"].astype(str).map(ok).fillna(
+            False
+        ).astype(bool)
+    scope = {"covered": None if covered is None else sorted(set(map(str, covered))),
+             "n_unassessed": int((~assessed).sum())}  # fmt: skip
+    return HarmResult(t, steps, {**res.info, "scope": scope})
+
+
+def job_scope(
+    res: HarmResult,
+    pool: Sequence[Trajectory],
+    target: Sequence[Trajectory],
+    config: ScoreJobConfig,
+) -> HarmResult:
+    """:func:`scope_harm` with the job's ``harm_scope``: "subtask" assesses the pool
+    trajectories whose ``subtask_field`` is a known-good target trajectory's (a warning counts
+    the others); "all" every one."""
+    if config.harm_scope == "all":
+        return scope_harm(res, None, None)
+    if not pool:
+        raise TrajinfError("--harm-scope subtask needs the pool's trajectories (their labels)")
+    field_ = config.subtask_field
+    covered = {lab for t, lab in zip(target, subtask_labels(list(target), field_), strict=True)
+               if t.success is not False}  # fmt: skip
+    labels = dict(zip((t.id for t in pool), subtask_labels(list(pool), field_), strict=True))
+    res = scope_harm(res, labels, covered)
+    n = res.info["scope"]["n_unassessed"]
+    if n:
+        log.warning(
+            "harm flag (--harm-scope subtask): %d of %d pool trajectories have a %s the target "
+            "does not show (target: %s); they are not assessed (assessed=False, never flagged)",
+            n, len(pool), field_, ", ".join(sorted(covered)),
+        )  # fmt: skip
+    return res
 
 
 def contrast_config(config: ScoreJobConfig) -> ContrastConfig:
@@ -126,14 +184,26 @@ def job_harm(
     kfac: Sequence[KfacFactors] | None = None,
     pool_tokens: Sequence[TokenizedTrajectory] | None = None,
     target_tokens: Sequence[TokenizedTrajectory] | None = None,
+    pool: Sequence[Trajectory] = (),
 ) -> HarmResult | None:
     """Harm scores and flags of the pool with ``config.harm_signal`` (None, with a warning,
     when the target cannot calibrate them: fewer than 2 known-good target trajectories with
     steps). ``extract``: :func:`trajinf.job.run.extract_job` (for :func:`calibration_store`);
     the contrast signal needs the pool's and target's tokens. Signal ``none``: None (no flag;
-    the contrast step costs folds + 1 short tunings on the target)."""
+    the contrast step costs folds + 1 short tunings on the target). ``pool``: the pool's
+    trajectories, whose subtask labels ``--harm-scope subtask`` reads (:func:`job_scope`)."""
     if config.harm_signal == "none":
         return None
+    res = _job_harm(model_dir, target, out, stores, directions, checkpoints, config,
+                    extract=extract, kfac=kfac, pool_tokens=pool_tokens,
+                    target_tokens=target_tokens)  # fmt: skip
+    return None if res is None else job_scope(res, pool, target, config)
+
+
+def _job_harm(
+    model_dir, target, out, stores, directions, checkpoints, config, *, extract, kfac,
+    pool_tokens, target_tokens,
+) -> HarmResult | None:  # fmt: skip
     try:
         if config.harm_signal in ("contrast", "logprob"):
             if pool_tokens is None or target_tokens is None:
@@ -185,12 +255,15 @@ def append_harm(
     out: Path,
     *,
     reference: Callable[[], tuple] | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """Harm columns of appended pool rows at the stored calibration (``job["harm"]``: the same
     threshold as the rows scored first); their per-step rows are added to
     ``out/harm_steps.parquet``. A job scored before harm calibration existed gets NaN.
     ``reference``: () -> (reference model, tokenizer, new rows' tokens, target tokens), for a
-    job whose signal is model-based (contrast or logprob)."""
+    job whose signal is model-based (contrast or logprob). ``labels``: the new rows' subtask
+    labels (id -> label), read when the job assessed only the target's subtasks
+    (``job["harm"]["scope"]``)."""
     info = job.get("harm")
     if not info:
         return merge_harm(traj, None)
@@ -217,6 +290,7 @@ def append_harm(
             statistic=info["statistic"],
             signal=info.get("signal", "surprise"),
         )
+    res = scope_harm(res, labels, (info.get("scope") or {}).get("covered"))
     path = out / "harm_steps.parquet"
     steps = res.steps
     if path.exists():

@@ -219,7 +219,7 @@ def score_pool(
     # the calibrated harm flag (issue 13) becomes `harmful`; the null's is kept as harmful_null
     harm = job_harm(model_dir, ext.target, out, ext.stores, result.directions, ckpts, config,
                     extract=extract_job, kfac=factors, pool_tokens=pool_tok,
-                    target_tokens=ext.target_tokens)  # fmt: skip
+                    target_tokens=ext.target_tokens, pool=pool_trajs)  # fmt: skip
     timings["score_s"] = time.perf_counter() - t0
 
     traj = result.trajectories.merge(flags, on="id", how="left")
