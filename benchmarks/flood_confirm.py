@@ -36,6 +36,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--planted", type=int, default=0, help="wrong-reason successes per round")
     ap.add_argument("--lr", type=float, default=None, help="fine-tuning lr (preset's: None)")
     ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps (preset's: None)")
+    ap.add_argument(
+        "--later",
+        default=None,
+        help="comma list of the methods that go past round 1 (default: all)",
+    )
+    ap.add_argument(
+        "--length-penalty",
+        type=float,
+        default=0.0,
+        help="reward = success - this x steps (the outcome targets see detours)",
+    )
     ap.add_argument("--k", type=int, default=None, help="rollouts per task (preset's: None)")
     args = ap.parse_args(argv)
     methods = tuple(m for m in args.methods.split(",") if m)
@@ -49,6 +60,10 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = replace(cfg, finetune_steps=args.steps)
     if args.k:
         cfg = replace(cfg, k=args.k)
+    if args.length_penalty:
+        cfg = replace(cfg, length_penalty=args.length_penalty)
+    if args.later:
+        cfg = replace(cfg, later_methods=tuple(m for m in args.later.split(",") if m))
     return run_flood_bench([cfg], args.out)
 
 

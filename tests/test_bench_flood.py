@@ -162,6 +162,37 @@ def test_step_weighted_rs_zeroes_the_steps_against_the_evidence():
     assert w is None and ids == [t.id for t in pool if t.success] and "fallback" in info
 
 
+def test_shortest_successes_per_task():
+    """rs-short keeps, per task, the successes with the fewest steps (ties all kept)."""
+    pool = [_two_step("a", 0, ("x", "go"), True), _two_step("d", 0, ("go", "x"), True)]
+    pool += [_traj("a", 1, True), _traj("a", 2, True), _traj("a", 3, False)]  # 1 step each
+    ids, w, _ = select_flood("rs-short", pool, budget=0.1, seed=0)
+    assert ids == ["d-0", "a-1", "a-2"] and w is None
+
+
+def test_length_penalty_turns_all_success_groups_into_an_outcome_signal(monkeypatch):
+    """With a length penalty a rollout's reward is success - penalty x steps: one task's
+    successes of different lengths now differ in advantage (the shorter ahead), where success
+    alone gives every rollout of an all-success group advantage 0."""
+    import trajinf.envs.model_policy as mp
+    import trajinf.envs.rollout as ro
+    from trajinf.bench.flood import roll_flood
+    from trajinf.scoring.directions import group_advantages
+
+    made = [_two_step("d", 0, ("x", "go"), True), _traj("d", 1, True), _traj("d", 2, False)]
+    monkeypatch.setattr(mp, "ModelPolicy", lambda *a, **k: None)
+    monkeypatch.setattr(ro, "rollout", lambda *a, **k: [Trajectory(**vars(t)) for t in made])
+    plain = roll_flood(None, None, None, [], k=3, temperature=1.0, seed=0, prefix="r1")
+    assert [t.reward for t in plain] == [t.reward for t in made]
+    out = roll_flood(None, None, None, [], k=3, temperature=1.0, seed=0, prefix="r1",
+                     length_penalty=0.01)  # fmt: skip
+    assert [t.reward for t in out] == pytest.approx([0.98, 0.99, -0.01])
+    assert [t.success for t in out] == [True, True, False]
+    adv = group_advantages([t.reward for t in out[:2]], ["d", "d"])
+    assert adv[1] > 0 > adv[0]
+    assert list(group_advantages([1.0, 1.0], ["d", "d"])) == [0.0, 0.0]
+
+
 def test_per_task_influence_spreads_over_tasks():
     """inf-adv|succ/task: reference by loops: repeatedly take each task's best remaining
     success, tasks in order of that success's score."""

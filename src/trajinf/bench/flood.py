@@ -36,6 +36,8 @@ FLOOD_METHODS: dict[str, str] = {
     "rs-budget": "a random budget-sized subset of the successes",
     "rs+ee": "rs-budget plus as many early-experience examples (world model + reflection, 1 "
     "alternative per state) from the states of those successes (arXiv 2510.08558)",
+    "rs-short": "rejection sampling keeping only each task's shortest successes (fewest steps): "
+    "drops the successes with detours, e.g. repeated actions",
     "rs-rare": "successes drawn with weight 1 / pass rate of their task (rarely solved first)",
     "rs-inf": "rejection sampling minus the quarter of the successes with the lowest inf-adv "
     "score (influence as a filter on rs, not a budget pick)",
@@ -87,6 +89,10 @@ class FloodConfig:
     # decision point) added to each round's flood, labelled successful like a buggy verifier
     # would, source "self"; the truth stays in meta["planted"]
     planted: int = 0
+    # reward of a self rollout = its outcome - length_penalty * its steps (success stays the
+    # outcome): groups whose rollouts all succeed then rank their successes by length, so the
+    # outcome targets (advantage, branch credit) see detours; 0 = the outcome alone
+    length_penalty: float = 0.0
     n_target_demos: int = 2  # expert demos per target family (inf-less / RDS+ target)
     n_test_tasks: int = 40  # test tasks drawn (target families kept)
     budget: float = 0.1
@@ -139,17 +145,24 @@ def flood_tasks(env, config: FloodConfig, families: Sequence[str]) -> tuple[list
 
 
 def roll_flood(
-    env, model, tok, tasks, *, k: int, temperature: float, seed: int, prefix: str
-) -> list[Trajectory]:
-    """``k`` sampled rollouts of the model on each task (ids ``{prefix}-{task}-{i}``)."""
+    env, model, tok, tasks, *, k: int, temperature: float, seed: int, prefix: str,
+    length_penalty: float = 0.0,
+) -> list[Trajectory]:  # fmt: skip
+    """``k`` sampled rollouts of the model on each task (ids ``{prefix}-{task}-{i}``); with a
+    ``length_penalty`` each one's reward is its success (0/1) minus the penalty per step."""
     from trajinf.envs.model_policy import ModelPolicy
     from trajinf.envs.rollout import rollout
 
     policy = ModelPolicy(model, tok, mode="rank", temperature=temperature, seed=seed)
-    return rollout(
+    out = rollout(
         env, tasks, policy, source="self", n_per_task=k, seed=seed, id_prefix=prefix,
         with_tools=False,
     )  # fmt: skip
+    if length_penalty:
+        for t in out:
+            t.meta["env_reward"] = t.reward
+            t.reward = float(bool(t.success)) - length_penalty * len(t.steps())
+    return out
 
 
 def evaluate_tasks(env, model, tok, tasks) -> dict[str, bool]:
@@ -278,6 +291,18 @@ def select_flood(
         return list(ids[succ]), None, info
     if method == "rs-oracle":
         return [t.id for t in pool if t.success and not t.meta.get("planted")], None, info
+    if method == "rs-short":
+        n_steps = {t.id: len(t.steps()) for t in pool if t.success}
+        shortest: dict[str, int] = {}
+        for t in pool:
+            if t.success:
+                key = str(t.task_id)
+                shortest[key] = min(shortest.get(key, n_steps[t.id]), n_steps[t.id])
+        return (
+            [t.id for t in pool if t.success and n_steps[t.id] == shortest[str(t.task_id)]],
+            None,
+            info,
+        )
     if method in ("rs-budget", "rs+ee"):  # rs+ee: the rounds driver adds the examples
         s = ids[succ]
         return list(s[rng.permutation(len(s))[:k]]), None, info

@@ -117,8 +117,9 @@ def run_flood(config: FloodConfig, out: str | Path, *, log=print, progress=None)
     out.mkdir(parents=True, exist_ok=True)
     # rows are keyed by (method, seed, round): more seeds, rounds or methods extend a run
     ident = {k: v for k, v in asdict(config).items() if k not in EXTENSIBLE}
-    if not ident.get("planted"):  # runs made before the field existed stay resumable
-        ident.pop("planted", None)
+    for name in ("planted", "length_penalty"):  # runs made before a field existed resume
+        if not ident.get(name):
+            ident.pop(name, None)
     stamp = json.dumps(ident, sort_keys=True, default=str)
     if (out / "config.json").exists() and (out / "config.json").read_text() != stamp:
         raise_changed(out)
@@ -176,7 +177,7 @@ def run_flood(config: FloodConfig, out: str | Path, *, log=print, progress=None)
                     m, t = load_model(cur)
                     self_ = roll_flood(
                         env, m, t, train, k=config.k, temperature=config.temperature,
-                        seed=sample_seed, prefix=f"r{rnd}",
+                        seed=sample_seed, prefix=f"r{rnd}", length_penalty=config.length_penalty,
                     )  # fmt: skip
                     planted = []
                     if config.planted:
