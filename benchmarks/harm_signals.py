@@ -41,8 +41,10 @@ def scoped(h, pool, families):
     """The bench's harm scope (``--harm-scope subtask``, family subtasks): trajectories of
     families the target does not show are not assessed."""
     from trajinf.job.harm import scope_harm
+    from trajinf.job.inputs import subtask_labels
 
-    return scope_harm(h, {t.id: str(t.meta.get("family")) for t in pool}, families)
+    return scope_harm(h, dict(zip((t.id for t in pool), subtask_labels(pool, "family"),
+                                  strict=True)), families)  # fmt: skip
 
 
 def ekfac_precondition(vectors, factors, eig: list, damping: float = 0.1):

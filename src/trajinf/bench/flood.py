@@ -292,17 +292,11 @@ def select_flood(
     if method == "rs-oracle":
         return [t.id for t in pool if t.success and not t.meta.get("planted")], None, info
     if method == "rs-short":
-        n_steps = {t.id: len(t.steps()) for t in pool if t.success}
+        won = [t for t in pool if t.success]
         shortest: dict[str, int] = {}
-        for t in pool:
-            if t.success:
-                key = str(t.task_id)
-                shortest[key] = min(shortest.get(key, n_steps[t.id]), n_steps[t.id])
-        return (
-            [t.id for t in pool if t.success and n_steps[t.id] == shortest[str(t.task_id)]],
-            None,
-            info,
-        )
+        for t in won:
+            shortest[str(t.task_id)] = min(shortest.get(str(t.task_id), 10**9), len(t.steps()))
+        return [t.id for t in won if len(t.steps()) == shortest[str(t.task_id)]], None, info
     if method in ("rs-budget", "rs+ee"):  # rs+ee: the rounds driver adds the examples
         s = ids[succ]
         return list(s[rng.permutation(len(s))[:k]]), None, info

@@ -72,11 +72,12 @@ def scope_harm(
     "all"). ``info["scope"]``: the covered subtasks and how many trajectories were left out."""
     t = res.trajectories.copy()
     ids = t["id"].astype(str)
-    if covered is None:
+    cover = None if covered is None else sorted(set(map(str, covered)))
+    if cover is None:
         assessed = np.ones(len(t), bool)
     else:
-        cover = set(map(str, covered))
-        assessed = ids.map(lambda i: (labels or {}).get(i) in cover).to_numpy(bool)
+        known = labels or {}
+        assessed = ids.map(lambda i: known.get(i) in cover).to_numpy(bool)
     t["assessed"] = assessed
     t["harmful"] = t["harmful"].fillna(False).astype(bool) & assessed
     if "n_bad_steps" in t:
@@ -87,8 +88,7 @@ def scope_harm(
         steps["bad"] = steps["bad"].astype(bool) & steps["id"].astype(str).map(ok).fillna(
             False
         ).astype(bool)
-    scope = {"covered": None if covered is None else sorted(set(map(str, covered))),
-             "n_unassessed": int((~assessed).sum())}  # fmt: skip
+    scope = {"covered": cover, "n_unassessed": int((~assessed).sum())}
     return HarmResult(t, steps, {**res.info, "scope": scope})
 
 
