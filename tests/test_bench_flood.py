@@ -354,8 +354,12 @@ def test_report_escapes_method_names_and_plots_each_method():
     head = md.splitlines()[2]
     assert len(table) == 1 and table[0].count(" | ") == head.count(" | ")  # | escaped
     assert "0.125 ± 0.035" in md  # round 1 of both methods: 0.1 and 0.15 over 2 seeds
+    assert "expansion r1 | expansion r2" in head
     svg = round_plot_svg(res)
     assert svg.count("<polyline") == 2 and svg.count("<circle") == 4
+    one = {**res, "summary": summarize_rounds([r for r in rows if r["round"] == 1])}
+    head1 = flood_markdown(one).splitlines()[2]
+    assert head1.count("expansion r1") == 1 and "expansion r2" not in head1  # no twin column
 
 
 @pytest.mark.slow

@@ -31,7 +31,8 @@ def flood_markdown(res: dict, against: str = "rs") -> str:
     head = ["method"]
     for r in rounds:
         head += [f"round {r}", f"vs {against} (r{r})"]
-    head += ["expansion r1", f"expansion r{rounds[-1]}", "picked", "succ. share", "cost (epochs)"]
+    ends = sorted({rounds[0], rounds[-1]}, key=int)  # one expansion column when one round
+    head += [f"expansion r{r}" for r in ends] + ["picked", "succ. share", "cost (epochs)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         row = [m.replace("|", "\\|")]  # a bare | would split the markdown cell
@@ -39,7 +40,7 @@ def flood_markdown(res: dict, against: str = "rs") -> str:
             d = summ[r]["methods"].get(m)
             row.append(f"{d['success_mean']:.3f} ± {d['success_std']:.3f}" if d else "")
             row.append(_p(summ[r].get(f"paired_vs_{against}", {}), m, against))
-        for r in (rounds[0], rounds[-1]):
+        for r in ends:
             e = summ[r]["methods"].get(m, {}).get("expansion_mean")
             row.append("" if e is None else f"{e:.3f}")
         d1 = summ[rounds[0]]["methods"][m]
