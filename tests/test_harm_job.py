@@ -156,3 +156,33 @@ def test_cli_select_repair(job, tmp_path):
     bad = CliRunner().invoke(app, [*args[:-2], "--step-weights", "--out", str(out)])
     # the entry point turns a TrajinfError into a one-line error (exit 2)
     assert isinstance(bad.exception, TrajinfError) and "--repair" in str(bad.exception)
+
+
+def test_influence_selection_drops_flagged_trajectories_by_default(job, tmp_path):
+    """Default `trajinf select` (influence, no repair): the flagged trajectories are dropped;
+    --keep-harmful keeps them, the baselines keep their plain meaning, a job without a harm
+    step drops nothing."""
+    import shutil
+
+    d, _, pool, _, _, _ = job
+    sd = tmp_path / "scores"
+    shutil.copytree(d / "scores", sd)
+    scores = pd.read_parquet(sd / "scores.parquet")
+    top = scores.sort_values("score", ascending=False)["id"].iloc[0]  # the influence top-1
+    scores["harmful"] = scores["id"] == top
+    scores.to_parquet(sd / "scores.parquet")
+    n = len(pool)
+    sel = select_to_file(sd, d / "pool.jsonl", tmp_path / "a.jsonl", fraction=2 / n)
+    assert top not in sel.ids and len(sel.ids) == 2
+    assert sel.info["drop_harmful"] == {"applied": True, "default": True, "dropped": 1}
+    kept = select_to_file(sd, d / "pool.jsonl", tmp_path / "b.jsonl", fraction=2 / n,
+                          drop_harmful=False)  # fmt: skip
+    assert kept.ids[0] == top and kept.info["drop_harmful"]["applied"] is False
+    assert kept.ids[1] == sel.ids[0]  # the same ranking, one place down
+    rnd = select_to_file(sd, d / "pool.jsonl", tmp_path / "c.jsonl", fraction=1.0,
+                         method="random")  # fmt: skip
+    assert top in rnd.ids and rnd.info["drop_harmful"]["applied"] is False
+    scores["harmful"] = np.nan  # a job run with --harm-signal none
+    scores.to_parquet(sd / "scores.parquet")
+    none = select_to_file(sd, d / "pool.jsonl", tmp_path / "d.jsonl", fraction=2 / n)
+    assert none.ids[0] == top and none.info["drop_harmful"]["applied"] is False

@@ -57,7 +57,13 @@ def select(
     pool: Path = typer.Option(..., help="The pool JSONL that was scored."),
     fraction: float = typer.Option(0.05, help="Budget as a fraction of the pool."),
     method: Literal[METHODS] = typer.Option("influence", help="Selector."),  # type: ignore[valid-type]
-    drop_harmful: bool = typer.Option(False, help="Drop trajectories flagged harmful."),
+    drop_harmful: bool = typer.Option(
+        None,
+        "--drop-harmful/--keep-harmful",
+        help="Drop trajectories the harm flag marks. Default: drop them when selecting by "
+        "influence from scores that carry the flag; keep them for the other methods.",
+        show_default=False,
+    ),
     step_weights: bool = typer.Option(False, help="Write weight 0 on negative-influence steps."),
     seed: int = typer.Option(0, help="Seed for random tie-breaks and the random baseline."),
     drop_zero_variance: bool = typer.Option(
@@ -120,6 +126,10 @@ def select(
         console.print(
             f"harm: pool {h['pool']}, selected {h['selected']} (kept / repaired / dropped)"
         )
+    dh = sel.info.get("drop_harmful")
+    if dh and dh["applied"]:
+        how = "by default; --keep-harmful keeps them" if dh["default"] else "--drop-harmful"
+        console.print(f"harm flag: dropped {dh['dropped']} flagged trajectories ({how})")
     if sel.info.get("filters"):
         console.print(f"filters: {sel.info['filters']}")
     console.print(f"selected {len(sel.ids)} trajectories with '{method}' -> {out}")

@@ -36,7 +36,7 @@ def select_to_file(
     *,
     method: str = "influence",
     fraction: float = 0.05,
-    drop_harmful: bool = False,
+    drop_harmful: bool | None = None,
     step_weights: bool = False,
     seed: int = 0,
     drop_zero_variance: bool = False,
@@ -55,6 +55,11 @@ def select_to_file(
     bad steps. The choice of every pool trajectory is written next to ``out`` as
     ``{stem}.repair.jsonl`` (id, choice, n_steps, bad_steps, reason) and counted in
     ``sel.info["harm"]``.
+
+    ``drop_harmful`` None (the default) drops the trajectories the scoring job's calibrated harm
+    flag marks when the selection ranks by influence (method "influence", no ``repair``, no
+    ``prior``) and the scores carry the flag; every other selection keeps them. True / False
+    force it. ``sel.info["drop_harmful"]`` says what was done and whether it was the default.
 
     ``drop_zero_variance`` first removes rollout groups (same task_id) whose outcomes are all
     equal; ``dedup`` (a cosine threshold) then keeps one trajectory per near-duplicate cluster
@@ -83,6 +88,9 @@ def select_to_file(
         raise TrajinfError("--combine needs --prior NAME (the prior to combine influence with)")
     elif method == "prior":
         raise TrajinfError("--method prior needs --prior NAME")
+    auto = drop_harmful is None
+    if auto:
+        drop_harmful = default_drop_harmful(scores, method=method, repair=repair, prior=prior)
     if repair:
         return _select_repaired(scores_dir, trajs, kept, scores, steps, out, fraction, filters,
                                 method=method, exclusive=(step_weights, prior, drop_harmful))  # fmt: skip
@@ -100,11 +108,26 @@ def select_to_file(
         weight_mode=weight_mode,
     )
     sel.info["filters"] = filters
+    sel.info["drop_harmful"] = {"applied": bool(drop_harmful), "default": auto,
+                                "dropped": int(sel.info.get("dropped_harmful", 0))}  # fmt: skip
     if prior is not None:
         sel.info["prior"] = {"name": prior, "combine": combine, "env": env}
     by_id = {t.id: t for t in trajs}
     write_pool([by_id[i] for i in sel.ids], out, step_weights=sel.step_weights)
     return sel
+
+
+def default_drop_harmful(
+    scores: pd.DataFrame, *, method: str, repair: bool = False, prior: str | None = None
+) -> bool:
+    """Whether a selection drops the harm flag's trajectories by default: when it ranks by
+    influence alone (the flag and the ranking come from the same scoring job) and the job ran
+    its harm step. Measured in ``trajinf bench --harm`` (5 seeds, docs/benchmarks.md): dropping
+    flagged trajectories from the influence pick beat keeping them on TextWorld Express and tied
+    on ToolWorld, where repair lost; baselines (random, rds, ...) keep their plain meaning."""
+    if method != "influence" or repair or prior is not None or "harmful" not in scores:
+        return False
+    return bool(scores["harmful"].notna().any())
 
 
 def _select_repaired(scores_dir, trajs, kept, scores, steps, out, fraction, filters, *, method,
