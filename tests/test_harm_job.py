@@ -164,25 +164,27 @@ def test_influence_selection_drops_flagged_trajectories_by_default(job, tmp_path
     step drops nothing."""
     import shutil
 
-    d, _, pool, _, _, _ = job
+    d, _, pool, extra, _, _ = job
     sd = tmp_path / "scores"
-    shutil.copytree(d / "scores", sd)
+    shutil.copytree(d / "scores", sd)  # (the append test may have added `extra` to it)
     scores = pd.read_parquet(sd / "scores.parquet")
+    scored = [t for t in pool + extra if t.id in set(scores["id"])]
+    write_pool(scored, tmp_path / "pool.jsonl")
     top = scores.sort_values("score", ascending=False)["id"].iloc[0]  # the influence top-1
     scores["harmful"] = scores["id"] == top
     scores.to_parquet(sd / "scores.parquet")
-    n = len(pool)
-    sel = select_to_file(sd, d / "pool.jsonl", tmp_path / "a.jsonl", fraction=2 / n)
+    n, pool_path = len(scored), tmp_path / "pool.jsonl"
+    sel = select_to_file(sd, pool_path, tmp_path / "a.jsonl", fraction=2 / n)
     assert top not in sel.ids and len(sel.ids) == 2
     assert sel.info["drop_harmful"] == {"applied": True, "default": True, "dropped": 1}
-    kept = select_to_file(sd, d / "pool.jsonl", tmp_path / "b.jsonl", fraction=2 / n,
+    kept = select_to_file(sd, pool_path, tmp_path / "b.jsonl", fraction=2 / n,
                           drop_harmful=False)  # fmt: skip
     assert kept.ids[0] == top and kept.info["drop_harmful"]["applied"] is False
     assert kept.ids[1] == sel.ids[0]  # the same ranking, one place down
-    rnd = select_to_file(sd, d / "pool.jsonl", tmp_path / "c.jsonl", fraction=1.0,
+    rnd = select_to_file(sd, pool_path, tmp_path / "c.jsonl", fraction=1.0,
                          method="random")  # fmt: skip
     assert top in rnd.ids and rnd.info["drop_harmful"]["applied"] is False
     scores["harmful"] = np.nan  # a job run with --harm-signal none
     scores.to_parquet(sd / "scores.parquet")
-    none = select_to_file(sd, d / "pool.jsonl", tmp_path / "d.jsonl", fraction=2 / n)
+    none = select_to_file(sd, pool_path, tmp_path / "d.jsonl", fraction=2 / n)
     assert none.ids[0] == top and none.info["drop_harmful"]["applied"] is False
