@@ -313,8 +313,14 @@ def test_flood_quick_through_cli(tmp_path, monkeypatch):
     assert base[0]["success"] == base[1]["success"]  # no fine-tuning: the agent stays
     rs1 = next(r for r in rows if r["method"] == "rs" and r["round"] == 1)
     assert rs1["n_selected"] == round(rs1["pool"]["success_rate"] * rs1["pool"]["n"])
-    # rs+ee: the budget's successes plus as many early-experience examples of their states
-    for r in (r for r in rows if r["method"] == "rs+ee"):
+    # rs+ee: the budget's successes plus as many early-experience examples of their states;
+    # a round whose agent no longer succeeds anywhere (round 2 on some CPUs) picks nothing
+    ee = sorted((r for r in rows if r["method"] == "rs+ee"), key=lambda r: r["round"])
+    assert ee[0]["pool"]["success_rate"] > 0  # round 1 is the base agent's pool: it succeeds
+    for r in ee:
+        if r["pool"]["success_rate"] == 0:
+            assert r["n_selected"] == r["n_early"] == 0
+            continue
         assert r["selected_success"] == 1.0 and 0 < r["n_early"] <= r["n_selected"]
         sel = out / "flood" / "builtin" / "seed0" / "rs+ee" / f"selection-r{r['round']}.jsonl"
         ids = [json.loads(x)["id"] for x in sel.read_text().splitlines()]
