@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> dict:
         help="reward = success - this x steps (the outcome targets see detours)",
     )
     ap.add_argument("--k", type=int, default=None, help="rollouts per task (preset's: None)")
+    ap.add_argument(
+        "--replay", type=float, default=0.0,
+        help="the base agent's SFT demos mixed into each fine-tune, x the pick's size",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     methods = tuple(m for m in args.methods.split(",") if m)
     cfg = replace(flood_preset(args.env), seed=args.seed, seeds=args.seeds, rounds=args.rounds,
@@ -62,6 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = replace(cfg, k=args.k)
     if args.length_penalty:
         cfg = replace(cfg, length_penalty=args.length_penalty)
+    if args.replay:
+        cfg = replace(cfg, replay=args.replay)
     if args.later:
         cfg = replace(cfg, later_methods=tuple(m for m in args.later.split(",") if m))
     return run_flood_bench([cfg], args.out)

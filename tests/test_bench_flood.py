@@ -368,14 +368,22 @@ def test_report_escapes_method_names_and_plots_each_method():
     assert head1.count("expansion r1") == 1 and "expansion r2" not in head1  # no twin column
 
 
+@pytest.fixture(scope="module")
+def agent_cache(tmp_path_factory):
+    """One agent cache for this module's run_flood tests (the quick agent is built once)."""
+    return tmp_path_factory.mktemp("agent-cache")
+
+
 @pytest.mark.slow
-def test_planted_successes_join_the_flood_and_the_oracle_drops_them(tmp_path, monkeypatch):
+def test_planted_successes_join_the_flood_and_the_oracle_drops_them(
+    tmp_path, monkeypatch, agent_cache
+):
     from dataclasses import replace
 
     from trajinf.bench.flood import flood_preset
     from trajinf.bench.rounds import run_flood
 
-    monkeypatch.setenv("TRAJINF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TRAJINF_CACHE", str(agent_cache))
     cfg = replace(flood_preset("builtin", quick=True), rounds=1, planted=4,
                   methods=("rs", "rs-oracle"))  # fmt: skip
     res = run_flood(cfg, tmp_path / "f", log=lambda *a: None)
@@ -387,3 +395,43 @@ def test_planted_successes_join_the_flood_and_the_oracle_drops_them(tmp_path, mo
     assert rows["rs"]["selected_planted"] == len(planted)
     assert rows["rs-oracle"]["selected_planted"] == 0
     assert rows["rs-oracle"]["n_selected"] == rows["rs"]["n_selected"] - len(planted)
+
+
+def test_replay_draws_its_share_of_the_demos_in_order():
+    from trajinf.bench.rounds import replay_demos
+
+    demos = list(range(30))
+    got = replay_demos(demos, 0.5, 10, seed=3)
+    assert len(got) == 5 and got == sorted(got) and set(got) <= set(demos)
+    assert got == replay_demos(demos, 0.5, 10, seed=3)  # the seed fixes the draw
+    assert replay_demos(demos, 10.0, 10, seed=3) == demos  # at most all of them
+    assert replay_demos(demos, 1.0, 0, seed=3) == []
+    with pytest.raises(TrajinfError, match="'replay'"):
+        FloodConfig(replay=-1.0)
+
+
+@pytest.mark.slow
+def test_replay_mixes_the_agents_own_demos_into_every_fine_tune(tmp_path, monkeypatch, agent_cache):
+    from dataclasses import replace
+
+    from trajinf.bench import rounds
+    from trajinf.bench.flood import flood_preset
+
+    monkeypatch.setenv("TRAJINF_CACHE", str(agent_cache))
+    seen = []
+    real = rounds._finetune
+
+    def spy(agent_dir, chosen, config, seed, out):
+        seen.append(list(chosen))
+        return real(agent_dir, chosen, config, seed, out)
+
+    monkeypatch.setattr(rounds, "_finetune", spy)
+    cfg = replace(flood_preset("builtin", quick=True), rounds=1, replay=1.0, methods=("rs",))
+    res = rounds.run_flood(cfg, tmp_path / "f", log=lambda *a: None)
+    (row,) = res["rows"]
+    n = row["n_selected"]
+    assert n > 0 and row["n_replay"] == n  # as many demos as picks (the agent has 32)
+    (data,) = seen
+    assert len(data) == 2 * n
+    assert [t.source for t in data] == ["self"] * n + ["replay"] * n  # the pick, then the demos
+    assert all(t.success for t in data)  # rs picks successes; the demos are the expert's

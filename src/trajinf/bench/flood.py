@@ -93,6 +93,10 @@ class FloodConfig:
     # outcome): groups whose rollouts all succeed then rank their successes by length, so the
     # outcome targets (advantage, branch credit) see detours; 0 = the outcome alone
     length_penalty: float = 0.0
+    # replay against forgetting: every fine-tune also sees replay x len(pick) of the expert demos
+    # the base agent was built from (its own SFT data, drawn per round), as practitioners mix
+    # SFT data into RFT rounds; 0 = the pick alone
+    replay: float = 0.0
     n_target_demos: int = 2  # expert demos per target family (inf-less / RDS+ target)
     n_test_tasks: int = 40  # test tasks drawn (target families kept)
     budget: float = 0.1
@@ -123,6 +127,8 @@ class FloodConfig:
             raise TrajinfError(f"flood field 'k': groups need >= 2 rollouts per task, got {self.k}")
         if self.temperature <= 0:
             raise TrajinfError(f"flood field 'temperature': must be > 0, got {self.temperature}")
+        if self.replay < 0:
+            raise TrajinfError(f"flood field 'replay': must be >= 0, got {self.replay}")
         if self.rounds < 1 or self.seeds < 1:
             raise TrajinfError("flood fields 'rounds' and 'seeds' must be >= 1")
 

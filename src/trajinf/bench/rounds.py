@@ -4,7 +4,8 @@ Every (seed, method) starts from the same cached agent (``agents.py``). Round 1'
 shared by all methods of a seed (same agent, same sampling seed); from round 2 on each method
 samples its own flood with its own agent. Each round fine-tunes the method's current agent on
 its selection for the same number of optimizer steps (``finetune_steps``, however many rollouts
-were picked) and evaluates it greedily on the fixed held-out test tasks. Rows are appended to
+were picked; with ``replay`` > 0 the base agent's own expert demos are mixed in, ``replay`` x the
+pick's size, the same for every method) and evaluates it greedily on the fixed held-out test tasks. Rows are appended to
 ``rounds.jsonl`` as they finish and each method's latest agent is kept on disk, so an
 interrupted run resumes where it stopped; ``flood.json``, ``flood.md`` and ``flood.html`` (the
 per-round plot) are rewritten at the end.
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from trajinf.atomic import write_json
-from trajinf.bench.agents import cached_agent
+from trajinf.bench.agents import agent_tasks, cached_agent
 from trajinf.bench.env_bench import append_jsonl, read_jsonl
 from trajinf.bench.flood import (
     NEEDS_SCORES,
@@ -117,7 +118,7 @@ def run_flood(config: FloodConfig, out: str | Path, *, log=print, progress=None)
     out.mkdir(parents=True, exist_ok=True)
     # rows are keyed by (method, seed, round): more seeds, rounds or methods extend a run
     ident = {k: v for k, v in asdict(config).items() if k not in EXTENSIBLE}
-    for name in ("planted", "length_penalty"):  # runs made before a field existed resume
+    for name in ("planted", "length_penalty", "replay"):  # runs made before a field existed resume
         if not ident.get(name):
             ident.pop(name, None)
     stamp = json.dumps(ident, sort_keys=True, default=str)
@@ -136,6 +137,10 @@ def run_flood(config: FloodConfig, out: str | Path, *, log=print, progress=None)
             env, train[: min(config.n_experts, n_max)], ExpertPolicy(), source="expert",
             with_tools=False,
         )  # fmt: skip
+    sft_demos = []  # the base agent's own SFT data, replayed into every fine-tune
+    if config.replay:
+        sft_demos = rollout(env, [t for ts in agent_tasks(env, config.agent) for t in ts],
+                            ExpertPolicy(), source="replay", with_tools=False)  # fmt: skip
     model, tok = load_model(agent_dir)
     base_eval = evaluate_tasks(env, model, tok, test)
     failed = {t for t, ok in base_eval.items() if not ok}
@@ -235,9 +240,12 @@ def run_flood(config: FloodConfig, out: str | Path, *, log=print, progress=None)
                     sel_path.parent.mkdir(parents=True, exist_ok=True)
                     write_pool(chosen, sel_path, step_weights=weights)
                     nxt = mdir / f"agent-r{rnd}"
-                    ft = _finetune(
-                        current, load_pool(sel_path), config, config.seed + 100 * seed + rnd, nxt
-                    )
+                    data = load_pool(sel_path)
+                    if sft_demos:
+                        data = data + replay_demos(sft_demos, config.replay, len(chosen),
+                                                   seed=sample_seed)  # fmt: skip
+                        row["n_replay"] = len(data) - len(chosen)
+                    ft = _finetune(current, data, config, config.seed + 100 * seed + rnd, nxt)
                     m, t = load_model(nxt)
                     ev = evaluate_tasks(env, m, t, test)
                     current = nxt
@@ -280,6 +288,14 @@ def run_flood(config: FloodConfig, out: str | Path, *, log=print, progress=None)
         "rows_seconds": float(sum(r.get("seconds", 0.0) for r in rows)),
     }
     return res
+
+
+def replay_demos(demos: list, replay: float, n_pick: int, *, seed: int) -> list:
+    """``round(replay * n_pick)`` of ``demos`` (at most all of them), drawn without replacement
+    with ``seed`` and kept in their order."""
+    n = min(len(demos), round(replay * n_pick))
+    keep = np.random.default_rng(seed).permutation(len(demos))[:n]
+    return [demos[i] for i in sorted(keep)]
 
 
 def raise_changed(out: Path) -> None:
