@@ -217,12 +217,29 @@ def test_per_task_influence_spreads_over_tasks():
     assert {i.split("-")[0] for i in ids} == {"a", "b", "d"}  # every solved task once first
 
 
+def test_rs_plus_inf_keeps_every_success_and_doubles_the_per_task_pick():
+    pool = _pool()
+    rng = np.random.default_rng(2)
+    scored = _scored(pool, {t.id: float(rng.normal()) for t in pool})
+    pick, _, _ = select_flood("inf-adv|succ/task", pool, budget=0.25, seed=0, scored=scored)
+    ids, weights, info = select_flood("rs+inf", pool, budget=0.25, seed=0, scored=scored)
+    assert ids == [t.id for t in pool if t.success]  # rs, in pool order
+    assert info["n_weighted_twice"] == len(pick) > 0
+    for t in pool:
+        if t.success:
+            w = 2.0 if t.id in pick else 1.0
+            assert weights[t.id] == [w] * len(t.steps())
+
+
 def test_no_outcome_direction_falls_back_to_random():
     pool = [_traj("a", k, False) for k in range(8)]
     s = pd.DataFrame({"id": [t.id for t in pool], "score": np.nan})
     scored = FloodScores({"adv": s}, {"adv": s.assign(step=0)}, None, 0)
     ids, _, info = select_flood("inf-adv", pool, budget=0.25, seed=0, scored=scored)
     assert len(ids) == 2 and "fallback" in info
+    pool[3].success = True  # rs+inf falls back to plain rs, not to random
+    ids, weights, info = select_flood("rs+inf", pool, budget=0.25, seed=0, scored=scored)
+    assert ids == [pool[3].id] and weights is None and info["fallback"].endswith("rs")
 
 
 def test_harm_step_only_when_rs_harm_reads_it():

@@ -47,6 +47,8 @@ FLOOD_METHODS: dict[str, str] = {
     "score is negative (the step's gradient opposes the group-advantage direction)",
     "rs*branch": "rejection sampling with per-step loss weights: 1 only on the steps with positive "
     "Tree-GRPO branch credit (a choice that led to more successes than its siblings)",
+    "rs+inf": "rejection sampling with the per-task influence pick (inf-adv|succ/task's budget) "
+    "counted twice: loss weight 2 on its steps, 1 on the other successes",
     "rs-oracle": "rejection sampling minus the planted (wrong-reason) successes, by their hidden "
     "label: what a perfect filter is worth (benchmark only)",
     "dapo": "DAPO group filter (drop all-success / all-fail tasks), then a random budget",
@@ -66,7 +68,7 @@ FLOOD_METHODS: dict[str, str] = {
 NEEDS_SCORES = {
     m
     for m in FLOOD_METHODS
-    if m.startswith("inf") or m in ("rds", "loss", "rs-inf", "rs*inf", "rs-harm")
+    if m.startswith("inf") or m in ("rds", "loss", "rs-inf", "rs*inf", "rs+inf", "rs-harm")
 }
 DEFAULT_METHODS = (
     "base", "rs", "rs-budget", "rs+ee", "rs-rare", "dapo", "random", "full", "rds", "loss",
@@ -342,6 +344,9 @@ def select_flood(
     mode = {"inf-less": "less", "inf-smf": "smf"}.get(method, "adv")
     table = scored.scores[mode].set_index(scored.scores[mode]["id"].astype(str))["score"]
     table = table.reindex([str(i) for i in ids])
+    if table.isna().all() and method == "rs+inf":
+        info["fallback"] = "no outcome direction (every group one outcome): rs"
+        return list(ids[succ]), None, info
     if table.isna().all():
         info["fallback"] = "no outcome direction (every group one outcome): random"
         return list(ids[rng.permutation(n)[:k]]), None, info
@@ -362,7 +367,7 @@ def select_flood(
             )
             r = (r + _rank01(rare)) / 2
         return list(r.sort_values(ascending=False, kind="stable").index[:k]), None, info
-    if method == "inf-adv|succ/task":
+    if method in ("inf-adv|succ/task", "rs+inf"):
         # one pass over the tasks per position: every task's best success before any second
         s = pd.DataFrame(
             {"score": table[succ].fillna(-np.inf).to_numpy(),
@@ -371,7 +376,13 @@ def select_flood(
         )  # fmt: skip
         s["pos"] = s.groupby("task")["score"].rank(method="first", ascending=False)
         order = s.sort_values(["pos", "score"], ascending=[True, False], kind="stable").index
-        return list(order[:k]), None, info
+        if method == "inf-adv|succ/task":
+            return list(order[:k]), None, info
+        twice = set(order[:k])
+        won = [t for t in pool if t.success]
+        info["n_weighted_twice"] = len(twice)
+        weights = {t.id: [2.0 if t.id in twice else 1.0] * len(t.steps()) for t in won}
+        return [t.id for t in won], weights, info
     prior = {"inf-adv*gv": "group_variance", "inf-adv*branch": "branch"}[method]
     values = step_prior(prior, list(pool), env=env)
     combined = combine_steps(scored.steps[mode], values, how="rank")
