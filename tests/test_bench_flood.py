@@ -452,3 +452,39 @@ def test_replay_mixes_the_agents_own_demos_into_every_fine_tune(tmp_path, monkey
     assert len(data) == 2 * n
     assert [t.source for t in data] == ["self"] * n + ["replay"] * n  # the pick, then the demos
     assert all(t.success for t in data)  # rs picks successes; the demos are the expert's
+
+
+def test_flood_pool_pairs_seeds_within_runs_and_pools_them(tmp_path):
+    """benchmarks/flood_pool.py: the pooled test equals a paired t over the concatenated seeds."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from scipy import stats
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "flood_pool.py"
+    spec = importlib.util.spec_from_file_location("trajinf_bench_flood_pool", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    rng = np.random.default_rng(0)
+    runs, a, b = [], [], []
+    for name, n in (("x", 3), ("y", 5)):
+        (tmp_path / name / "builtin").mkdir(parents=True)
+        rows = []
+        for s in range(n):
+            va, vb = float(rng.random()), float(rng.random())
+            rows += [{"method": "pick", "round": 1, "seed": s, "success": va},
+                     {"method": "rs", "round": 1, "seed": s, "success": vb}]  # fmt: skip
+            a.append(va)
+            b.append(vb)
+        rows.append({"method": "pick", "round": 1, "seed": 99, "success": 1.0})  # no rs: unpaired
+        (tmp_path / name / "builtin" / "rounds.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows)
+        )
+        runs.append(tmp_path / name)
+    res = mod.pooled(runs, "pick", "rs")[1]
+    assert res["n"] == 8 and res["n_ahead"] + res["n_behind"] == 8
+    assert res["mean_diff"] == pytest.approx(np.mean(np.subtract(a, b)))
+    assert res["p_value"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    assert res["runs"][str(runs[0])] == pytest.approx(np.mean(np.subtract(a[:3], b[:3])))
