@@ -7,6 +7,9 @@ all runs are pooled into one paired t-test per round (`trajinf.loop.steps.paired
     python benchmarks/flood_pool.py runs/flood-s9-tw-r0 runs/flood-s9c-tw-r0 runs/flood-s9h-tw-b \
         --method "inf-adv|succ/task" --against rs
 
+A run given as ``DIR_A,DIR_B`` reads the method's rows from DIR_A and the baseline's from DIR_B
+(two processes of one task set, side by side: their round-1 pools are the same).
+
 Prints a markdown table (per round: each run's mean difference, the pooled difference, p, seeds
 ahead / behind) and writes it as JSON with --json.
 """
@@ -23,14 +26,21 @@ from trajinf.bench.env_bench import read_jsonl
 from trajinf.loop.steps import paired_tests
 
 
-def pooled(runs: list[Path], method: str, against: str) -> dict:
-    """{round: {"runs": {run: mean diff}, "mean_diff", "p_value", "n", "n_ahead", "n_behind"}}."""
+def _rows(run: Path) -> list[dict]:
+    files = sorted(run.glob("*/rounds.jsonl"))
+    if len(files) != 1:
+        raise SystemExit(f"{run}: expected one <env>/rounds.jsonl, found {len(files)}")
+    return read_jsonl(files[0])
+
+
+def pooled(runs: list[Path | str], method: str, against: str) -> dict:
+    """{round: {"runs": {run: mean diff}, "mean_diff", "p_value", "n", "n_ahead", "n_behind"}}.
+    A run ``"A,B"`` takes the method's rows from A and the baseline's from B."""
     per: dict[int, dict[str, list]] = {}
-    for run in runs:
-        files = sorted(run.glob("*/rounds.jsonl"))
-        if len(files) != 1:
-            raise SystemExit(f"{run}: expected one <env>/rounds.jsonl, found {len(files)}")
-        rows = read_jsonl(files[0])
+    for run in map(str, runs):
+        first, _, second = run.partition(",")
+        rows = [r for r in _rows(Path(first)) if r["method"] == method]
+        rows += [r for r in _rows(Path(second or first)) if r["method"] == against]
         by = {(r["method"], r["round"], r["seed"]): r["success"] for r in rows}
         for rnd in sorted({r["round"] for r in rows if r["method"] == method}):
             seeds = sorted(
@@ -41,7 +51,7 @@ def pooled(runs: list[Path], method: str, against: str) -> dict:
             b = [by[(against, rnd, s)] for s in seeds]
             d["a"] += a
             d["b"] += b
-            d["runs"][str(run)] = float(np.mean(np.subtract(a, b))) if seeds else None
+            d["runs"][run] = float(np.mean(np.subtract(a, b))) if seeds else None
     out = {}
     for rnd, d in sorted(per.items()):
         t = paired_tests({method: d["a"], against: d["b"]}, against=(against,))
@@ -58,19 +68,18 @@ def pooled(runs: list[Path], method: str, against: str) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("runs", nargs="+", type=Path, help="flood output directories")
+    ap.add_argument("runs", nargs="+", help="flood output directories (or DIR_A,DIR_B pairs)")
     ap.add_argument("--method", required=True)
     ap.add_argument("--against", default="rs")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     res = pooled(args.runs, args.method, args.against)
-    names = [r.name for r in args.runs]
+    names = [",".join(Path(x).name for x in r.split(",")) for r in args.runs]
     print(f"| after round | {' | '.join(names)} | pooled | p | n | seeds ahead / behind |")
     print("|---" * (len(names) + 5) + "|")
     for rnd, r in res.items():
         cells = [
-            "" if r["runs"].get(str(x)) is None else f"{100 * r['runs'][str(x)]:+.1f}"
-            for x in args.runs
+            "" if r["runs"].get(x) is None else f"{100 * r['runs'][x]:+.1f}" for x in args.runs
         ]
         p = "–" if r["p_value"] is None else f"{r['p_value']:.3f}"
         print(

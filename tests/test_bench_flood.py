@@ -488,3 +488,7 @@ def test_flood_pool_pairs_seeds_within_runs_and_pools_them(tmp_path):
     assert res["mean_diff"] == pytest.approx(np.mean(np.subtract(a, b)))
     assert res["p_value"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
     assert res["runs"][str(runs[0])] == pytest.approx(np.mean(np.subtract(a[:3], b[:3])))
+    # "A,B": the method's rows from A, the baseline's from B (here y's picks against x's rs)
+    res = mod.pooled([f"{runs[1]},{runs[0]}"], "pick", "rs")[1]
+    assert res["n"] == 3
+    assert res["mean_diff"] == pytest.approx(np.mean(np.subtract(a[3:6], b[:3])))
