@@ -12,12 +12,16 @@
 - ``write_jsonl(directory, records, name="pool.jsonl") -> Path``: writes records as JSONL.
 - ``make_tiny_job`` (session): ``make_tiny_job(dir, n_tasks=10) -> dir`` writes pool.jsonl,
   target.jsonl (ToolWorld rollouts) and an untrained tiny model/ with its tokenizer.
+- ``load_benchmark`` (session): ``load_benchmark("lds") -> module`` imports ``benchmarks/lds.py``
+  by path (benchmarks is no package), once per session.
 - ``TOOLS``: the OpenAI tool schemas used by ``tool_pool_records`` (module constant).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,6 +118,21 @@ def tool_pool_records() -> list[dict]:
         _record("t-0006", "find-0002", "find", True, "expert", find,
                 [("go", {"direction": "east"}), "take key"]),
     ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    def load(name: str):
+        key = f"trajinf_bench_{name}"
+        if key not in sys.modules:
+            path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+            spec = importlib.util.spec_from_file_location(key, path)
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[key] = mod  # dataclasses resolve their module through sys.modules
+            spec.loader.exec_module(mod)
+        return sys.modules[key]
+
+    return load
 
 
 @pytest.fixture

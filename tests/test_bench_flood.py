@@ -457,19 +457,11 @@ def test_replay_mixes_the_agents_own_demos_into_every_fine_tune(tmp_path, monkey
     assert all(t.success for t in data)  # rs picks successes; the demos are the expert's
 
 
-def test_flood_pool_pairs_seeds_within_runs_and_pools_them(tmp_path):
+def test_flood_pool_pairs_seeds_within_runs_and_pools_them(tmp_path, load_benchmark):
     """benchmarks/flood_pool.py: the pooled test equals a paired t over the concatenated seeds."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
     from scipy import stats
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "flood_pool.py"
-    spec = importlib.util.spec_from_file_location("trajinf_bench_flood_pool", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("flood_pool")
     rng = np.random.default_rng(0)
     runs, a, b = [], [], []
     for name, n in (("x", 3), ("y", 5)):

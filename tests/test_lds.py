@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -13,16 +9,10 @@ import torch.nn.functional as F
 
 from trajinf.bench.metrics import lds
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "lds.py"
-
 
 @pytest.fixture(scope="module")
-def lds_mod():
-    spec = importlib.util.spec_from_file_location("trajinf_bench_lds", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
+def lds_mod(load_benchmark):
+    return load_benchmark("lds")
 
 
 def _planted(lds_mod, n_train=40, n_query=5, n_models=48, seed=0):

@@ -9,10 +9,6 @@ thresholds"), far above what broken scores give: random scores have an LDS of 0 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -20,16 +16,12 @@ import torch
 from trajinf.bench.metrics import lds
 from trajinf.envs.evaluate import auroc
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "lds.py"
 N_MODELS = 48
 
 
 @pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("trajinf_bench_lds_quality", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+def harness(tmp_path_factory, load_benchmark):
+    mod = load_benchmark("lds")
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("lds")
     dcfg = mod.DataConfig(n_query_per_skill=8)
