@@ -79,6 +79,15 @@ def agent_tasks(env, config: AgentConfig) -> tuple[list, list]:
     return other, target
 
 
+def agent_demos(env, config: AgentConfig, *, source: str = "expert") -> list:
+    """The expert demos the agent is trained on (other families first, then the targets')."""
+    from trajinf.envs.policies import ExpertPolicy
+    from trajinf.envs.rollout import rollout
+
+    other, target = agent_tasks(env, config)
+    return rollout(env, other + target, ExpertPolicy(), source=source, with_tools=False)
+
+
 def build_agent(config: AgentConfig, out: Path, *, log=print) -> dict:
     """Train the agent into ``out`` (model + tokenizer) and return its info dict."""
     import torch
@@ -95,7 +104,7 @@ def build_agent(config: AgentConfig, out: Path, *, log=print) -> dict:
     env = make_env(config.env)
     fams = target_families_of(env, config)
     other, target = agent_tasks(env, config)
-    demos = rollout(env, other + target, ExpertPolicy(), source="expert", with_tools=False)
+    demos = agent_demos(env, config)
     # the tokenizer also sees expert text of every family's tasks (not trained on): words of
     # the target families' later rollouts must not fall apart into characters
     vocab_tasks = env.tasks("train", 64, 104729 + config.seed)

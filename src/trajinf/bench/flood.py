@@ -344,10 +344,10 @@ def select_flood(
     mode = {"inf-less": "less", "inf-smf": "smf"}.get(method, "adv")
     table = scored.scores[mode].set_index(scored.scores[mode]["id"].astype(str))["score"]
     table = table.reindex([str(i) for i in ids])
-    if table.isna().all() and method == "rs+inf":
-        info["fallback"] = "no outcome direction (every group one outcome): rs"
-        return list(ids[succ]), None, info
     if table.isna().all():
+        if method == "rs+inf":
+            info["fallback"] = "no outcome direction (every group one outcome): rs"
+            return list(ids[succ]), None, info
         info["fallback"] = "no outcome direction (every group one outcome): random"
         return list(ids[rng.permutation(n)[:k]]), None, info
     rank = _rank01(table)

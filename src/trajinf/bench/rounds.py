@@ -5,8 +5,8 @@ shared by all methods of a seed (same agent, same sampling seed); from round 2 o
 samples its own flood with its own agent. Each round fine-tunes the method's current agent on
 its selection for the same number of optimizer steps (``finetune_steps``, however many rollouts
 were picked; with ``replay`` > 0 the base agent's own expert demos are mixed in, ``replay`` x the
-pick's size, the same for every method) and evaluates it greedily on the fixed held-out test tasks. Rows are appended to
-``rounds.jsonl`` as they finish and each method's latest agent is kept on disk, so an
+pick's size, the same for every method) and evaluates it greedily on the fixed held-out test
+tasks. Rows are appended to ``rounds.jsonl`` as they finish and each method's latest agent is kept on disk, so an
 interrupted run resumes where it stopped; ``flood.json``, ``flood.md`` and ``flood.html`` (the
 per-round plot) are rewritten at the end.
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from trajinf.atomic import write_json
-from trajinf.bench.agents import agent_tasks, cached_agent
+from trajinf.bench.agents import agent_demos, cached_agent
 from trajinf.bench.env_bench import append_jsonl, read_jsonl
 from trajinf.bench.flood import (
     NEEDS_SCORES,
@@ -137,10 +137,8 @@ def run_flood(config: FloodConfig, out: str | Path, *, log=print, progress=None)
             env, train[: min(config.n_experts, n_max)], ExpertPolicy(), source="expert",
             with_tools=False,
         )  # fmt: skip
-    sft_demos = []  # the base agent's own SFT data, replayed into every fine-tune
-    if config.replay:
-        sft_demos = rollout(env, [t for ts in agent_tasks(env, config.agent) for t in ts],
-                            ExpertPolicy(), source="replay", with_tools=False)  # fmt: skip
+    # the base agent's own SFT data, replayed into every fine-tune
+    sft_demos = agent_demos(env, config.agent, source="replay") if config.replay else []
     model, tok = load_model(agent_dir)
     base_eval = evaluate_tasks(env, model, tok, test)
     failed = {t for t, ok in base_eval.items() if not ok}
@@ -240,12 +238,13 @@ def run_flood(config: FloodConfig, out: str | Path, *, log=print, progress=None)
                     sel_path.parent.mkdir(parents=True, exist_ok=True)
                     write_pool(chosen, sel_path, step_weights=weights)
                     nxt = mdir / f"agent-r{rnd}"
-                    data = load_pool(sel_path)
+                    extra = []
                     if sft_demos:
-                        data = data + replay_demos(sft_demos, config.replay, len(chosen),
-                                                   seed=sample_seed)  # fmt: skip
-                        row["n_replay"] = len(data) - len(chosen)
-                    ft = _finetune(current, data, config, config.seed + 100 * seed + rnd, nxt)
+                        extra = replay_demos(sft_demos, config.replay, len(chosen),
+                                             seed=sample_seed)  # fmt: skip
+                        row["n_replay"] = len(extra)
+                    ft = _finetune(current, load_pool(sel_path) + extra, config,
+                                   config.seed + 100 * seed + rnd, nxt)  # fmt: skip
                     m, t = load_model(nxt)
                     ev = evaluate_tasks(env, m, t, test)
                     current = nxt
