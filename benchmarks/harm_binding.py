@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from trajinf.bench.env_bench import BenchConfig
-from trajinf.bench.harm import flag_report
+from trajinf.bench.harm import flag_report, reference_dir
 from trajinf.bench.perf import emit_result
 from trajinf.bench.runner import run_bench
 from trajinf.data.trajectories import load_pool
@@ -94,7 +94,7 @@ def contrast_sweep(d: Path, pool, specs: list[str]) -> dict:
     from trajinf.selection.export import read_scores
 
     target = load_pool(d / "target_demos.jsonl")
-    warm = sorted((d / "models" / "warmup").glob("checkpoint-*"))[-1]
+    warm = reference_dir(d, "warm")
     scores, steps, _ = read_scores(d.parent / "mixed" / "scores" / "inf")
     families = json.loads((d / "demo.json").read_text())["target_families"]
     out = {}
@@ -138,11 +138,11 @@ def main(argv: list[str] | None = None) -> dict:
     d = out / "builtin" / "data"
     pool = load_pool(d / "pool_mixed.jsonl")
     info = json.loads((d / "demo.json").read_text())
-    warm = sorted((d / "models" / "warmup").glob("checkpoint-*"))[-1]
+    warm = reference_dir(d, "warm")
     res = {
         "base_success": info["base_success"]["success_rate"],
         "base_per_family": info["base_success"]["per_family"],
-        "binding_base": probe_binding(d / "models" / "base", pool),
+        "binding_base": probe_binding(reference_dir(d, "base"), pool),
         "binding_warmup": probe_binding(warm, pool),
         "contrast": contrast_sweep(d, pool, args.contrast),
     }

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from trajinf.bench.env_bench import BenchConfig
-from trajinf.bench.harm import flag_report
+from trajinf.bench.harm import flag_report, reference_dir
 from trajinf.bench.methods import job_config
 from trajinf.data.trajectories import load_pool
 from trajinf.job.kfac import load_kfac
@@ -155,9 +155,9 @@ def contrast_rows(d: Path, pool, families, budget: float) -> dict:
 
     jc = ScoreJobConfig()
     target = load_pool(d / "data" / "target_demos.jsonl")
-    refs = {"warm": sorted((d / "data" / "models" / "warmup").glob("checkpoint-*"))[-1],
+    refs = {"warm": reference_dir(d / "data", "warm"),
             "heldout": heldout_warmup(d, pool, target, families),
-            "base": d / "data" / "models" / "base"}  # fmt: skip
+            "base": reference_dir(d / "data", "base")}  # fmt: skip
     # selection shares: the default influence scores of the run, each reference's flag and plan
     scores, steps, _ = read_scores(d / "mixed" / "scores" / "inf")
     out = {}

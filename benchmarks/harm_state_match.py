@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trajinf.bench.harm import reference_dir
 from trajinf.bench.perf import emit_result
 from trajinf.data.tokenize import tokenize_pool
 from trajinf.data.trajectories import load_pool
@@ -112,10 +113,7 @@ def main(d: Path, refs: list[str]) -> dict:
     trajs = [t for t in trajs if t.meta.get("family") in ("repair", "unlock") and cue_of(t)]
     out: dict = {}
     for ref in refs:
-        path = d / "data" / "models" / "base"
-        if ref == "warm":
-            path = sorted((d / "data" / "models" / "warmup").glob("checkpoint-*"))[-1]
-        model, tok = load_model(path)
+        model, tok = load_model(reference_dir(d / "data", ref))
         model.eval()
         rows = decision_states(model, tok, trajs)
         for fam in ("repair", "unlock"):

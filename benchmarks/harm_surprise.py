@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trajinf.bench.harm import reference_dir
 from trajinf.bench.perf import emit_result
 from trajinf.data.tokenize import tokenize_pool
 from trajinf.data.trajectories import load_pool
@@ -68,10 +69,7 @@ def main(d: Path, refs: list[str]) -> dict:
     pfams = sorted({f for f, p in zip(fam, planted, strict=True) if p})
     out: dict = {}
     for ref in refs:
-        path = d / "data" / "models" / "base"
-        if ref == "warm":
-            path = sorted((d / "data" / "models" / "warmup").glob("checkpoint-*"))[-1]
-        model, tok = load_model(path)
+        model, tok = load_model(reference_dir(d / "data", ref))
         items = tokenize_pool(pool, tok)
         lp = action_logprobs(model, items, pad_id(tok))
         med = token_medians(items, lp)

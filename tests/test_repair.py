@@ -103,3 +103,17 @@ def test_everything_flagged_gives_an_empty_drop_selection() -> None:
     sel = select_repaired(pool, fraction=0.5, scores=scores, step_scores=steps,
                           plan=repair_plan(harm, bad), mode="drop")  # fmt: skip
     assert sel.ids == [] and sel.info["n_selected"] == 0 and sel.info["budget"] == 2
+
+
+def test_reference_dir_names_the_base_agent_and_the_last_warmup_checkpoint(tmp_path):
+    from trajinf.bench.harm import reference_dir
+
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-1"):
+        (tmp_path / "models" / "warmup" / name).mkdir(parents=True)
+    assert reference_dir(tmp_path, "base") == tmp_path / "models" / "base"
+    # by step number, not by name (checkpoint-2 sorts after checkpoint-10 as text)
+    assert reference_dir(tmp_path, "warm").name == "checkpoint-10"
+    with pytest.raises(ValueError, match="base or warm"):
+        reference_dir(tmp_path, "tuned")
+    with pytest.raises(FileNotFoundError, match="no warm-up checkpoint"):
+        reference_dir(tmp_path / "empty", "warm")

@@ -28,6 +28,20 @@ def is_known_good(t: Trajectory) -> bool:
     return t.source == "expert" and not is_planted(t)
 
 
+def reference_dir(data_dir: Path, ref: str) -> Path:
+    """A harm bench's reference model under its ``data`` directory: ``base`` (the base agent) or
+    ``warm`` (the last warm-up checkpoint by step number, the model the job's harm flag reads)."""
+    if ref == "base":
+        return Path(data_dir) / "models" / "base"
+    if ref == "warm":
+        found = sorted((Path(data_dir) / "models" / "warmup").glob("checkpoint-*"),
+                       key=lambda p: int(p.name.rsplit("-", 1)[1]))  # fmt: skip
+        if found:
+            return found[-1]
+        raise FileNotFoundError(f"{data_dir}: no warm-up checkpoint under models/warmup")
+    raise ValueError(f"reference {ref!r}: choose base or warm")
+
+
 def read_harm_steps(scores_dir: Path) -> pd.DataFrame | None:
     p = Path(scores_dir) / "harm_steps.parquet"
     return pd.read_parquet(p) if p.exists() else None
