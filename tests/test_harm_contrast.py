@@ -367,3 +367,66 @@ def test_job_scope_warns_with_the_count_of_unassessed(caplog):
     assert out.trajectories["harmful"].tolist() == [False, False, False]
     assert "2 of 3 pool trajectories" in caplog.text and "stash" in caplog.text
     assert job_scope(res, pool, [demo(5)], build_job_config()).trajectories["harmful"].sum() == 2
+
+
+@pytest.fixture(scope="module")
+def wrong_warmup(knowing, tmp_path_factory):
+    """A warm-up checkpoint of the knowing model trained hard on wrong demos (map endings)."""
+    from trajinf.models.checkpoints import load_model
+
+    _, _, _, _, tok, ckpt, _ = knowing
+    model, _ = load_model(ckpt)
+    wrong = [demo(i, obj="map") for i in range(80, 92)]
+    res = train_sft(model, tok, wrong,
+                    DEMO_TRAIN.__class__(epochs=20, lr=1e-2, seed=0, log_every=0),
+                    checkpoint_dir=tmp_path_factory.mktemp("wrong-warm"), n_checkpoints=1)  # fmt: skip
+    return res.checkpoints[-1]["path"]
+
+
+def test_harm_reference_model_reads_the_model_when_the_warmup_learnt_the_wrong_decision(
+    knowing, wrong_warmup
+):
+    """A warm-up trained on a pool of wrong demos no longer finds the reversed step
+    implausible (its harm ranking is inverted); ``--harm-reference model`` reads the model the
+    job was given instead."""
+    from trajinf.data.trajectories import load_pool
+    from trajinf.job.harm import job_model_harm
+
+    d, _, good, reversed_, tok, ckpt, _ = knowing
+    pool, target = load_pool(d / "pool.jsonl"), load_pool(d / "target.jsonl")
+    args = (tokenize_pool(pool, tok), target, tokenize_pool(target, tok))
+    by_ref = {}
+    for ref in ("checkpoint", "model"):
+        cfg = build_job_config(proj_dim=64, has_checkpoints=True, subtask_field="family",
+                               harm_signal="logprob", harm_reference=ref)  # fmt: skip
+        out = job_model_harm(ckpt, [wrong_warmup], *args, cfg)
+        by_ref[ref] = (out.trajectories.set_index("id"), out.info["reference"])
+    flags = {r: t.loc[[x.id for x in reversed_], "harmful"].sum() for r, (t, _) in by_ref.items()}
+    harm = {r: (t.loc[[x.id for x in reversed_], "harm"], t.loc[[x.id for x in good], "harm"])
+            for r, (t, _) in by_ref.items()}  # fmt: skip
+    assert harm["model"][0].min() > harm["model"][1].max()
+    assert harm["checkpoint"][0].max() < harm["checkpoint"][1].min()  # the warm-up is inverted
+    assert by_ref["model"][1] == "model (--harm-reference model)"
+    assert by_ref["checkpoint"][1] == "checkpoint"
+    assert flags["model"] == len(reversed_) and flags["checkpoint"] < len(reversed_), flags
+    assert by_ref["model"][0].loc[[x.id for x in good], "harmful"].sum() <= 1
+
+
+def test_appended_rows_read_the_stored_harm_reference(knowing, wrong_warmup, tmp_path):
+    """A job scored with --harm-reference model appends with the model too, even when the
+    append's own options say checkpoint (the stored calibration came from the model)."""
+    d, pool, _, _, _, ckpt, _ = knowing
+    kw = dict(proj_dim=64, has_checkpoints=True, subtask_field="family", harm_signal="logprob")
+    out = tmp_path / "scores"
+    score_pool(ckpt, d / "pool.jsonl", d / "target.jsonl", out, checkpoints=[wrong_warmup],
+               config=build_job_config(harm_reference="model", **kw))  # fmt: skip
+    assert json.loads((out / "job.json").read_text())["harm"]["reference"].startswith("model")
+    wrong = [demo(i, obj="map", source="planted") for i in range(63, 66)]
+    right = [demo(i) for i in range(66, 69)]
+    write_pool(pool + wrong + right, tmp_path / "pool.jsonl")
+    score_pool(ckpt, tmp_path / "pool.jsonl", d / "target.jsonl", out,
+               checkpoints=[wrong_warmup], config=build_job_config(**kw), append=True)  # fmt: skip
+    scores = pd.read_parquet(out / "scores.parquet").set_index("id")
+    assert scores.loc[[t.id for t in wrong], "harmful"].all()
+    # read by the wrong warm-up, the right demos would be the implausible ones
+    assert not scores.loc[[t.id for t in right], "harmful"].any()

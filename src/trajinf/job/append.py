@@ -175,7 +175,10 @@ def score_appended(
         return todo_cache
 
     def reference() -> tuple:
-        model, tok = contrast_reference(model_dir, ckpts, config)
+        # the model the first rows' harm read (job.json), whatever --harm-reference says now
+        stored = str((job.get("harm") or {}).get("reference", "checkpoint"))
+        ref = "model" if stored.startswith("model") else "checkpoint"
+        model, tok = contrast_reference(model_dir, ckpts, replace(config, harm_reference=ref))
         return model, tok, todo_tokens(), target_tok
 
     labels = dict(zip((t.id for t in todo), subtask_labels(todo, config.subtask_field),

@@ -59,6 +59,14 @@ class ScoreJobConfig:
             "the skills it shows; the others get assessed=False and are never flagged)."
         },
     )
+    harm_reference: Literal["checkpoint", "model"] = field(
+        default="checkpoint",
+        metadata={
+            "help": "The model the contrast and logprob harm signals read: checkpoint (the last "
+            "warm-up checkpoint; the model itself without one) or model (the --model itself, "
+            "e.g. an agent you trust, when the warm-up trained on a pool with wrong demos)."
+        },
+    )
     harm_epochs: int = field(
         default=2, metadata={"help": "Epochs of the contrast signal's tuning on the target.",
                              "min": 1}

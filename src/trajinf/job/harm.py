@@ -153,19 +153,31 @@ def job_model_harm(
         res = logprob_harm(model, tokenizer, pool_tokens, target_tokens, known_good=good,
                            alpha=config.harmful_alpha,
                            batch_tokens=config.extraction.batch_tokens)  # fmt: skip
-    res.info["reference"] = "checkpoint" if checkpoints else "model (no warm-up checkpoint)"
+    res.info["reference"] = (
+        "checkpoint" if reads_checkpoint(checkpoints, config)
+        else "model (--harm-reference model)" if checkpoints
+        else "model (no warm-up checkpoint)"
+    )  # fmt: skip
     return res
 
 
+def reads_checkpoint(checkpoints: Sequence[Path], config: ScoreJobConfig) -> bool:
+    """Whether the model-based harm signals read the last checkpoint (``--harm-reference
+    checkpoint`` with a checkpoint) rather than the job's model."""
+    return bool(checkpoints) and config.harm_reference == "checkpoint"
+
+
 def contrast_reference(model_dir: str | Path, checkpoints: Sequence[Path], config: ScoreJobConfig):
-    """(model, tokenizer) the contrast signal tunes: the job's last checkpoint, else the model
-    (wrapped in a fresh LoRA with ``--lora``), on the job's device."""
+    """(model, tokenizer) the model-based harm signals read (and contrast tunes): the job's last
+    checkpoint, else (no checkpoint, or ``--harm-reference model``) the model, wrapped in a fresh
+    LoRA with ``--lora``; on the job's device."""
     from trajinf.models.checkpoints import load_model
 
-    ref = checkpoints[-1] if checkpoints else model_dir
+    on_checkpoint = reads_checkpoint(checkpoints, config)
+    ref = checkpoints[-1] if on_checkpoint else model_dir
     model, tokenizer = load_model(
         ref, trust_remote_code=config.trust_remote_code, dtype=config.dtype,
-        chat_template=config.chat_template, lora=config.lora and not checkpoints,
+        chat_template=config.chat_template, lora=config.lora and not on_checkpoint,
     )  # fmt: skip
     model.to(resolve_device(config.device))
     return model, tokenizer
