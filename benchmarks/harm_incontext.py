@@ -20,7 +20,6 @@ signal, AUROC planted > expert and the planted-step top-1 of the located step.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
@@ -41,10 +40,7 @@ def render(t: Trajectory) -> list[tuple[str, bool]]:
     out = []
     for m in t.messages[1:]:
         if m["role"] == "assistant":
-            f = m["tool_calls"][0]["function"]
-            out.append(
-                ("> " + GRAMMAR.patterns[f["name"]].format(**json.loads(f["arguments"])), True)
-            )
+            out.append(("> " + GRAMMAR.from_message(m), True))
         else:
             out.append((m["content"], False))
     return out
