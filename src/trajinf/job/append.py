@@ -21,7 +21,7 @@ from trajinf.data.tokenize import tokenize_pool
 from trajinf.errors import StoreCorruptError, TrajinfError
 from trajinf.gradients.extract import feature_dim
 from trajinf.job.distributed import clean_temp_files
-from trajinf.job.harm import append_harm, contrast_reference
+from trajinf.job.harm import append_harm, contrast_reference, recorded_reference
 from trajinf.job.inputs import (
     checkpoint_list,
     load_inputs,
@@ -176,8 +176,7 @@ def score_appended(
 
     def reference() -> tuple:
         # the model the first rows' harm read (job.json), whatever --harm-reference says now
-        stored = str((job.get("harm") or {}).get("reference", "checkpoint"))
-        ref = "model" if stored.startswith("model") else "checkpoint"
+        ref = recorded_reference(job.get("harm"))
         model, tok = contrast_reference(model_dir, ckpts, replace(config, harm_reference=ref))
         return model, tok, todo_tokens(), target_tok
 

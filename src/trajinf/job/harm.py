@@ -161,6 +161,13 @@ def job_model_harm(
     return res
 
 
+def recorded_reference(harm_info: dict | None) -> str:
+    """The ``--harm-reference`` a job's model-based harm step used, from the label
+    :func:`job_model_harm` wrote (``job.json["harm"]["reference"]``; "checkpoint" when none)."""
+    label = str((harm_info or {}).get("reference", "checkpoint"))
+    return "model" if label.startswith("model") else "checkpoint"
+
+
 def reads_checkpoint(checkpoints: Sequence[Path], config: ScoreJobConfig) -> bool:
     """Whether the model-based harm signals read the last checkpoint (``--harm-reference
     checkpoint`` with a checkpoint) rather than the job's model."""
